@@ -1,0 +1,275 @@
+"""fit(model, task, TrainConfig): a plain training loop with the hooks compression needs.
+
+Optimizers and LR schedules are chosen by their ``torch.optim`` / ``torch.optim.lr_scheduler``
+class names plus kwargs (nothing is re-implemented). Hooks let techniques step in without a
+special trainer: ``extra_loss`` (distillation, L1 on masks, ...) and ``after_step`` (re-apply
+pruning masks, gradual schedules, ...).
+
+Checkpoints are written atomically at the end of every epoch (model, optimizer, scheduler,
+RNG states, the loader's shuffling generator, early-stopping state); ``resume=True`` continues
+from the last one and reaches the same weights as an uninterrupted run with the same seed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .errors import check
+from .task import Task, call_model
+from .utils import atomic_write, default_device, seed_everything, to_device
+
+OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam")
+
+
+class Hook(Protocol):
+    """Anything with some of these methods can be passed to ``fit(hooks=[...])``."""
+
+    def extra_loss(self, model: nn.Module, inputs: Any, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+    def after_step(self, model: nn.Module, step: int) -> None: ...
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Names are torch class names, kwargs go to their constructors.
+
+    epochs / max_steps: budget (max_steps, if set, stops early within an epoch).
+    optimizer: e.g. "SGD" with optimizer_kwargs={"momentum": 0.9}, "Adam", "AdamW", "RMSprop".
+    scheduler: None (fixed LR) or a ``torch.optim.lr_scheduler`` name: "ExponentialLR",
+        "StepLR", "CosineAnnealingLR" (T_max defaults to the total epochs), "ReduceLROnPlateau"
+        (stepped with the validation metric). Schedulers step once per epoch.
+    l1 / l2: penalties added to the loss (l2 here is an explicit penalty; use
+        optimizer_kwargs={"weight_decay": ...} for decoupled decay).
+    early_stopping_patience: epochs without val-metric improvement before stopping (None: off);
+        the best val weights are restored at the end when it is on.
+    checkpoint_dir + resume: per-epoch atomic checkpoints and continuing from them.
+    """
+
+    epochs: int = 10
+    max_steps: int | None = None
+    lr: float = 1e-3
+    optimizer: str = "Adam"
+    optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    scheduler: str | None = None
+    scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
+    l1: float = 0.0
+    l2: float = 0.0
+    grad_clip: float | None = None
+    amp: bool = False
+    early_stopping_patience: int | None = None
+    seed: int = 0
+    device: str | None = None
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.epochs, int) and self.epochs >= 0, "TrainConfig.epochs", f"must be an integer >= 0, got {self.epochs!r}")
+        check(self.max_steps is None or self.max_steps >= 0, "TrainConfig.max_steps", f"must be >= 0 or None, got {self.max_steps!r}")
+        check(self.lr > 0, "TrainConfig.lr", f"must be > 0, got {self.lr!r}")
+        check(hasattr(torch.optim, self.optimizer) and self.optimizer[0].isupper(), "TrainConfig.optimizer",
+              f"unknown torch.optim optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+        check(self.scheduler is None or hasattr(torch.optim.lr_scheduler, self.scheduler), "TrainConfig.scheduler",
+              f"unknown torch.optim.lr_scheduler {self.scheduler!r}; e.g. StepLR, ExponentialLR, CosineAnnealingLR, ReduceLROnPlateau")
+        check(self.l1 >= 0, "TrainConfig.l1", f"must be >= 0, got {self.l1!r}")
+        check(self.l2 >= 0, "TrainConfig.l2", f"must be >= 0, got {self.l2!r}")
+        check(self.grad_clip is None or self.grad_clip > 0, "TrainConfig.grad_clip", f"must be > 0 or None, got {self.grad_clip!r}")
+        check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+              "TrainConfig.early_stopping_patience", f"must be >= 1 or None, got {self.early_stopping_patience!r}")
+        check(not self.resume or self.checkpoint_dir is not None, "TrainConfig.resume", "needs checkpoint_dir to resume from")
+
+
+@dataclass
+class FitResult:
+    epochs_run: int
+    steps: int
+    best_val: float | None
+    history: list[dict[str, float]]
+    stopped_early: bool = False
+    resumed_from_epoch: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return getattr(torch.optim, cfg.optimizer)(params, lr=cfg.lr, **cfg.optimizer_kwargs)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> Any:
+    if cfg.scheduler is None:
+        return None
+    kwargs = dict(cfg.scheduler_kwargs)
+    if cfg.scheduler == "CosineAnnealingLR":
+        kwargs.setdefault("T_max", max(cfg.epochs, 1))
+    if cfg.scheduler == "ReduceLROnPlateau":
+        kwargs.setdefault("mode", "max")  # stepped with the val metric (higher is better)
+    return getattr(torch.optim.lr_scheduler, cfg.scheduler)(opt, **kwargs)
+
+
+def penalty(model: nn.Module, l1: float, l2: float) -> torch.Tensor | float:
+    """L1/L2 penalty over weight tensors (dim >= 2; biases and norms are not penalised)."""
+    if l1 == 0 and l2 == 0:
+        return 0.0
+    total: torch.Tensor | float = 0.0
+    for p in model.parameters():
+        if p.requires_grad and p.dim() >= 2:
+            if l1:
+                total = total + l1 * p.abs().sum()
+            if l2:
+                total = total + l2 * p.pow(2).sum()
+    return total
+
+
+def fit(
+    model: nn.Module,
+    task: Task,
+    cfg: TrainConfig | None = None,
+    hooks: Sequence[Hook] = (),
+    params: Any = None,
+) -> FitResult:
+    """Train model in place on task.train; return what happened. ``params`` overrides the
+    parameters given to the optimizer (e.g. only centroids, or a student plus a projection)."""
+    cfg = cfg or TrainConfig()
+    device = torch.device(cfg.device) if cfg.device else default_device()
+    model.to(device)
+    seed_everything(cfg.seed)
+    loader = task.split("train")
+    opt = build_optimizer(params if params is not None else [p for p in model.parameters() if p.requires_grad], cfg)
+    sched = build_scheduler(opt, cfg)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    state = {"epoch": 0, "step": 0, "best_val": None, "best_state": None, "bad_epochs": 0, "history": []}
+    ckpt = Path(cfg.checkpoint_dir) / "train_last.pt" if cfg.checkpoint_dir else None
+    resumed_from = None
+    if cfg.resume and ckpt is not None and ckpt.exists():
+        resumed_from = _load_checkpoint(ckpt, model, opt, sched, scaler, loader, state)
+    stopped_early = False
+    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * len(loader)
+    progress = _progress(cfg.progress, total_steps, state["step"])
+    while state["epoch"] < cfg.epochs and (cfg.max_steps is None or state["step"] < cfg.max_steps):
+        model.train()
+        losses = []
+        for inputs, targets in loader:
+            if cfg.max_steps is not None and state["step"] >= cfg.max_steps:
+                break
+            loss = _train_step(model, inputs, targets, task, cfg, hooks, opt, scaler, device, use_amp)
+            state["step"] += 1
+            for hook in hooks:
+                if hasattr(hook, "after_step"):
+                    hook.after_step(model, state["step"])
+            losses.append(loss)
+            progress(1)
+        state["epoch"] += 1
+        record = {"epoch": state["epoch"], "train_loss": sum(losses) / max(len(losses), 1)}
+        stopped_early = _end_of_epoch(model, task, cfg, sched, state, record)
+        state["history"].append(record)
+        if ckpt is not None:
+            _save_checkpoint(ckpt, model, opt, sched, scaler, loader, state)
+        if stopped_early:
+            break
+    progress(None)
+    if cfg.early_stopping_patience is not None and state["best_state"] is not None:
+        model.load_state_dict(state["best_state"])
+    return FitResult(state["epoch"], state["step"], state["best_val"], state["history"], stopped_early, resumed_from)
+
+
+def _train_step(model, inputs, targets, task, cfg, hooks, opt, scaler, device, use_amp) -> float:
+    inputs, targets = to_device(inputs, device), to_device(targets, device)
+    with torch.autocast(device_type=device.type, enabled=use_amp):
+        outputs = call_model(model, inputs)
+        loss = task.loss(outputs, targets)
+        for hook in hooks:
+            if hasattr(hook, "extra_loss"):
+                loss = loss + hook.extra_loss(model, inputs, outputs, targets)
+    loss = loss + penalty(model, cfg.l1, cfg.l2)
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"training loss became {loss.item()}; lower TrainConfig.lr (now {cfg.lr})")
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.grad_clip is not None:
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    return loss.item()
+
+
+def _end_of_epoch(model, task, cfg, sched, state, record) -> bool:
+    """Validate, step the scheduler, track the best weights; True when early stopping fires."""
+    val = task.evaluate(model, "val") if task.val is not None else None
+    if val is not None:
+        record["val_metric"] = val
+    if sched is not None:
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            sched.step(val if val is not None else -record["train_loss"])
+        else:
+            sched.step()
+    if val is None or cfg.early_stopping_patience is None:
+        state["best_val"] = val if val is not None and (state["best_val"] is None or val > state["best_val"]) else state["best_val"]
+        return False
+    if state["best_val"] is None or val > state["best_val"]:
+        state["best_val"], state["bad_epochs"] = val, 0
+        state["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return False
+    state["bad_epochs"] += 1
+    return state["bad_epochs"] >= cfg.early_stopping_patience
+
+
+def _save_checkpoint(path: Path, model, opt, sched, scaler, loader, state) -> None:
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict() if sched is not None else None,
+        "scaler": scaler.state_dict(),
+        "rng_torch": torch.get_rng_state(),
+        "rng_loader": _loader_generator(loader).get_state() if _loader_generator(loader) is not None else None,
+        "state": state,
+    }
+    atomic_write(path, lambda p: torch.save(payload, p))
+
+
+def _load_checkpoint(path: Path, model, opt, sched, scaler, loader, state) -> int:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(payload["model"])
+    opt.load_state_dict(payload["optimizer"])
+    if sched is not None and payload["scheduler"] is not None:
+        sched.load_state_dict(payload["scheduler"])
+    scaler.load_state_dict(payload["scaler"])
+    torch.set_rng_state(payload["rng_torch"])
+    gen = _loader_generator(loader)
+    if gen is not None and payload["rng_loader"] is not None:
+        gen.set_state(payload["rng_loader"])
+    state.update(payload["state"])
+    return state["epoch"]
+
+
+def _loader_generator(loader) -> torch.Generator | None:
+    sampler = getattr(loader, "sampler", None)
+    return getattr(sampler, "generator", None) or getattr(loader, "generator", None)
+
+
+def _progress(enabled: bool, total: int, done: int) -> Callable[[int | None], None]:
+    """A rich progress bar when enabled; returns advance(n) and advance(None) to close."""
+    if not enabled:
+        return lambda n: None
+    from rich.progress import Progress
+
+    bar = Progress(transient=True)
+    bar.start()
+    tid = bar.add_task("training", total=total, completed=done)
+
+    def advance(n: int | None) -> None:
+        if n is None:
+            bar.stop()
+        else:
+            bar.advance(tid, n)
+
+    return advance
