@@ -1,0 +1,1 @@
+"""torchslim.export (re-exports are filled in as the technique lands)."""

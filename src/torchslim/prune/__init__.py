@@ -1,0 +1,1 @@
+"""torchslim.prune (re-exports are filled in as the technique lands)."""
