@@ -168,7 +168,8 @@ def fit(
             losses.append(loss)
             progress(1)
         state["epoch"] += 1
-        record = {"epoch": state["epoch"], "train_loss": sum(losses) / max(len(losses), 1)}
+        record = {"epoch": state["epoch"], "train_loss": sum(losses) / max(len(losses), 1),
+                  "lr": opt.param_groups[0]["lr"]}
         stopped_early = _end_of_epoch(model, task, cfg, sched, state, record)
         state["history"].append(record)
         if ckpt is not None:

@@ -1,0 +1,106 @@
+"""The ``torchslim`` command: demo, measure (more subcommands register as techniques land).
+
+Bad input ends with one line on stderr and exit code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from .errors import TorchslimError
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="train (or load) LeNet-300-100 on digits, compress it, print the table",
+                       description="The main job on the bundled default: LeNet-300-100 on sklearn digits.")
+    p.add_argument("--out", default="out", help="output directory (default: out/)")
+    p.add_argument("--cache-dir", default=None, help="where the trained baseline is cached (default: $TORCHSLIM_CACHE or ~/.cache/torchslim)")
+    p.add_argument("--retrain", action="store_true", help="ignore the cached baseline")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for training and latency (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _add_measure(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("measure", help="measure a model on a task (metric, params, bytes, MACs, latency)",
+                       description="Measure a zoo or user model on a zoo or user task.")
+    p.add_argument("--task", required=True, help="zoo task (digits, mnist1d, minilm) or 'package.module:function'")
+    p.add_argument("--model", required=True, help="zoo model (lenet300, lenet5, rescnn1d, mlp, minilm) or 'package.module:function'")
+    p.add_argument("--weights", default=None, help="state dict (.safetensors, or .pt loaded with weights_only=True)")
+    p.add_argument("--batch-size", type=int, default=256, help="batch size for latency (default 256)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for latency")
+    p.add_argument("--json", default=None, help="also write the record to this JSON file")
+    p.set_defaults(func=_cmd_measure)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(out=args.out, cache_dir=args.cache_dir, retrain=args.retrain, threads=args.threads, seed=args.seed)
+    return 0
+
+
+def _cmd_measure(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    from .export.weights import load_weights
+    from .measure import MeasureConfig, format_records, measure
+    from .utils import atomic_write_text
+    from .zoo import build_model, build_task
+
+    if args.batch_size < 1:
+        raise TorchslimError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    if args.weights is not None and not os.path.isfile(args.weights):
+        raise TorchslimError(f"--weights: file {args.weights!r} does not exist")
+    task = build_task(args.task)
+    model = build_model(args.model, task)
+    if args.weights:
+        load_weights(model, args.weights)
+    task.check_model(model)
+    record = measure(model, task, MeasureConfig(batch_size=args.batch_size, threads=args.threads),
+                     saved_path=args.weights, stage=args.model)
+    Console().print(format_records([record]))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(record.to_dict(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="torchslim", description="Make trained PyTorch models really smaller and faster, and measure it."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(sub)
+    _add_measure(sub)
+    for extra in _EXTRA_COMMANDS:
+        extra(sub)
+    return parser
+
+
+# Later modules (recipe runner, report, inspect) append their ``add(subparsers)`` here.
+_EXTRA_COMMANDS: list = []
+
+
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except TorchslimError as exc:
+        print(f"torchslim: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("torchslim: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
