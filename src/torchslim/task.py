@@ -129,25 +129,23 @@ class Task:
         try:
             with torch.no_grad():
                 out = _as_tensor(call_model(model, to_device(inputs, device))).float().cpu()
+                if self.num_classes is not None and out.ndim == 2 and out.shape[1] != self.num_classes:
+                    raise TaskError(
+                        f"model does not fit task {self.name!r}: it outputs {out.shape[1]} values per "
+                        f"sample, the task has {self.num_classes} classes"
+                    )
                 self.loss(out, targets)
                 self.metric(out, targets)
         except TaskError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure here means "does not fit"
-            shape = _describe(inputs)
+            first = str(exc).splitlines()[0] if str(exc) else ""
             raise TaskError(
-                f"model does not fit task {self.name!r} (inputs {shape}, targets "
-                f"{tuple(targets.shape)}"
-                + (f", {self.num_classes} classes" if self.num_classes else "")
-                + f"): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                f"model does not fit task {self.name!r} (inputs {_describe(inputs)}, targets "
+                f"{tuple(targets.shape)}): {type(exc).__name__}: {first}"
             ) from None
         finally:
             model.train(was_training)
-        if self.num_classes is not None and out.ndim == 2 and out.shape[1] != self.num_classes:
-            raise TaskError(
-                f"model does not fit task {self.name!r}: it outputs {out.shape[1]} values per "
-                f"sample, the task has {self.num_classes} classes"
-            )
 
 
 def load_callable(spec: str, what: str) -> Callable[..., Any]:
