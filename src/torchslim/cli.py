@@ -1,4 +1,4 @@
-"""The ``torchslim`` command: demo, measure (more subcommands register as techniques land).
+"""The ``torchslim`` command: demo, measure, run, report, inspect.
 
 Bad input ends with one line on stderr and exit code 2; no traceback.
 """
@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from .errors import TorchslimError
+from .utils import console
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -46,8 +47,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_measure(args: argparse.Namespace) -> int:
     import json
 
-    from rich.console import Console
-
     from .export.weights import load_weights
     from .measure import MeasureConfig, format_records, measure
     from .utils import atomic_write_text
@@ -64,9 +63,63 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     task.check_model(model)
     record = measure(model, task, MeasureConfig(batch_size=args.batch_size, threads=args.threads),
                      saved_path=args.weights, stage=args.model)
-    Console().print(format_records([record]))
+    console().print(format_records([record]))
     if args.json:
         atomic_write_text(args.json, json.dumps(record.to_dict(), indent=2))
+    return 0
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a YAML/JSON recipe, measuring after every stage",
+                       description="Run a recipe; writes run.json, artifacts and report.html to the output dir.")
+    p.add_argument("recipe", help="recipe file (.yaml/.yml/.json)")
+    p.add_argument("--out", default=None, help="output directory (default: the recipe's `out`, else out/)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished stage")
+    p.add_argument("--no-report", action="store_true", help="do not write report.html")
+    p.set_defaults(func=_cmd_run)
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="write the HTML report (and PNG plots) of a run.json")
+    p.add_argument("run_json", help="run.json written by `torchslim run` or `torchslim demo`")
+    p.add_argument("--out", default=None, help="HTML path (default: report.html next to run.json)")
+    p.set_defaults(func=_cmd_report)
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="show what is in a model file (archive, safetensors, checkpoint)")
+    p.add_argument("file", help="a .tsa archive, .safetensors, .pt state dict or .onnx model")
+    p.set_defaults(func=_cmd_inspect)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .measure import Record, format_records
+    from .recipe import load_recipe
+    from .runner import run_recipe
+
+    con = console()
+    recipe = load_recipe(args.recipe)  # every error surfaces here, before any work
+    summary = run_recipe(recipe, out=args.out, resume=args.resume, log=lambda m: con.print(m, markup=False))
+    con.print(format_records([Record.from_dict(r) for r in summary["rows"]]))
+    out = args.out or recipe.spec.out or "out"
+    if not args.no_report:
+        from .report import write_report
+
+        con.print(f"report: {write_report(f'{out}/run.json')}", markup=False)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(write_report(args.run_json, args.out))
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect_file import inspect_file
+
+    console().print(inspect_file(args.file))
     return 0
 
 
@@ -77,13 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo(sub)
     _add_measure(sub)
-    for extra in _EXTRA_COMMANDS:
-        extra(sub)
+    _add_run(sub)
+    _add_report(sub)
+    _add_inspect(sub)
     return parser
-
-
-# Later modules (recipe runner, report, inspect) append their ``add(subparsers)`` here.
-_EXTRA_COMMANDS: list = []
 
 
 

@@ -1,7 +1,8 @@
 """``torchslim demo``: the main job on the embedded default (LeNet-300-100 on sklearn digits).
 
-The trained baseline is cached (safetensors, keyed by the training config) so a second demo
-skips training. Every row is measured with ``measure`` and written to ``out/``.
+The trained baseline is cached (safetensors, keyed by its training config) so a second demo
+skips training; then the default recipe runs through the same runner as ``torchslim run``
+and every row is measured and written to ``out/`` (run.json, artifacts, report.html).
 """
 
 from __future__ import annotations
@@ -12,17 +13,34 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
-from rich.console import Console
 
 from .export.weights import load_weights, save_weights
 from .train import TrainConfig, fit
-from .utils import atomic_write_text, seed_everything
+from .utils import console, seed_everything
 from .zoo import build_model, build_task
 
 # Chosen by a sweep over optimizers/schedules on the val split (see README "Demo").
 BASELINE_TRAIN = dict(epochs=60, lr=1e-3, optimizer="Adam", scheduler="CosineAnnealingLR")
+TASK_KWARGS = {"batch_size": 32}
+
+
+def default_recipe(weights: str, seed: int, threads: int | None) -> dict[str, Any]:
+    """The default compression recipe for the demo (stages are added as techniques land)."""
+    return {
+        "name": "torchslim demo: LeNet-300-100 on digits",
+        "task": {"name": "digits", "kwargs": {**TASK_KWARGS, "seed": seed}},
+        "model": {"name": "lenet300", "weights": weights},
+        "seed": seed,
+        "stages": DEFAULT_STAGES,
+        "export": [],
+        "measure": {"batch_size": 256, "threads": threads, "repeats": 30},
+    }
+
+
+DEFAULT_STAGES: list[dict[str, Any]] = []
 
 
 def cache_root(cache_dir: str | None) -> Path:
@@ -31,38 +49,41 @@ def cache_root(cache_dir: str | None) -> Path:
     return Path(os.environ.get("TORCHSLIM_CACHE", Path.home() / ".cache" / "torchslim"))
 
 
-def trained_baseline(task, seed: int, cache_dir: str | None, retrain: bool, console: Console):
-    """LeNet-300-100 trained on task, from the cache when the same config was trained before."""
-    cfg = TrainConfig(seed=seed, progress=console.is_terminal, **BASELINE_TRAIN)
-    key = hashlib.sha256(json.dumps({"model": "lenet300", "task": task.name, **asdict(cfg), "progress": None},
-                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
+def trained_baseline(seed: int, cache_dir: str | None, retrain: bool, con) -> Path:
+    """Path of LeNet-300-100 trained on digits, training it unless the same config is cached."""
+    task = build_task("digits", seed=seed, **TASK_KWARGS)
+    cfg = TrainConfig(seed=seed, progress=con.is_terminal, **BASELINE_TRAIN)
+    key_src = {"model": "lenet300", "task": task.name, **TASK_KWARGS, **asdict(cfg), "progress": None}
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_root(cache_dir) / f"demo-lenet300-{task.name}-{key}.safetensors"
+    if path.exists() and not retrain:
+        try:
+            load_weights(build_model("lenet300", task), path)
+            con.print(f"baseline: loaded from cache {path}", markup=False)
+            return path
+        except Exception:  # noqa: BLE001 - a damaged cache entry is simply retrained
+            pass
+    con.print(f"baseline: training LeNet-300-100 on digits ({cfg.epochs} epochs, {cfg.optimizer}, {cfg.scheduler})")
     seed_everything(seed)
     model = build_model("lenet300", task)
-    if path.exists() and not retrain:
-        console.print(f"baseline: loaded from cache {path}")
-        return load_weights(model, path)
-    console.print(f"baseline: training LeNet-300-100 on {task.name} ({cfg.epochs} epochs, {cfg.optimizer}, {cfg.scheduler})")
     fit(model, task, cfg)
-    save_weights(model, path)
-    return model
+    return save_weights(model, path)
 
 
 def run_demo(out: str = "out", cache_dir: str | None = None, retrain: bool = False,
-             threads: int | None = None, seed: int = 0) -> list:
-    from .measure import MeasureConfig, format_records, measure
+             threads: int | None = None, seed: int = 0) -> dict[str, Any]:
+    from .measure import Record, format_records
+    from .report import write_report
+    from .runner import run_recipe
 
-    console = Console()
+    con = console()
     start = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
-    task = build_task("digits", batch_size=32, seed=seed)
-    model = trained_baseline(task, seed, cache_dir, retrain, console)
-    out_dir = Path(out)
-    model_path = save_weights(model, out_dir / "baseline.safetensors")
-    records = [measure(model, task, MeasureConfig(batch_size=256, threads=threads), saved_path=model_path, stage="baseline")]
-    console.print(format_records(records))
-    summary = {"records": [r.to_dict() for r in records], "seconds": round(time.perf_counter() - start, 2)}
-    atomic_write_text(out_dir / "run.json", json.dumps(summary, indent=2))
-    console.print(f"wrote {out_dir}/ (baseline.safetensors, run.json) in {summary['seconds']} s")
-    return records
+    weights = trained_baseline(seed, cache_dir, retrain, con)
+    summary = run_recipe(default_recipe(str(weights), seed, threads), out=out,
+                         log=lambda m: con.print(m, markup=False))
+    con.print(format_records([Record.from_dict(r) for r in summary["rows"]]))
+    report = write_report(Path(out) / "run.json")
+    con.print(f"wrote {out}/ (run.json, artifacts/, {report.name}) in {time.perf_counter() - start:.1f} s", markup=False)
+    return summary

@@ -48,3 +48,69 @@ def apply_stage(model: nn.Module, config: Any, task: Task) -> StageResult:
         known = ", ".join(sorted(t.__name__ for t in STAGES)) or "none registered"
         raise ConfigError(f"stage config {type(config).__name__}: no technique registered for it (known: {known})")
     return fn(model, config, task)
+
+
+# Modules whose import registers a technique; optional ones may be missing their extras.
+TECHNIQUE_MODULES = (
+    "torchslim.prune", "torchslim.quantize", "torchslim.share", "torchslim.distill", "torchslim.lowrank",
+)
+
+
+def load_techniques() -> None:
+    """Import every technique module so that its stage is registered (idempotent)."""
+    import importlib
+
+    for name in TECHNIQUE_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:  # an optional dependency is missing: that technique is absent
+            _MISSING[name] = str(exc)
+
+
+_MISSING: dict[str, str] = {}
+
+
+def stage_name(config_type: type) -> str:
+    """Recipe key of a technique: PruneConfig -> prune, StructuredPruneConfig -> structured_prune."""
+    import re
+
+    base = config_type.__name__.removesuffix("Config")
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", base).lower().replace("low_rank", "lowrank").replace("quant", "quantize")
+
+
+def stage_names() -> dict[str, type]:
+    """Recipe key -> config type for every registered technique."""
+    load_techniques()
+    return {stage_name(t): t for t in STAGES}
+
+
+# Techniques whose compression must survive later training register a provider here:
+# ``provider(model) -> list of fit hooks`` (e.g. pruning returns a MaskKeeper when masks exist).
+HOOK_PROVIDERS: list[Callable[[nn.Module], list]] = []
+
+
+def register_training_hooks(provider: Callable[[nn.Module], list]) -> Callable[[nn.Module], list]:
+    HOOK_PROVIDERS.append(provider)
+    return provider
+
+
+def training_hooks(model: nn.Module) -> list:
+    """Hooks that keep every applied compression intact while ``model`` is trained further."""
+    load_techniques()
+    return [h for provider in HOOK_PROVIDERS for h in provider(model)]
+
+
+def _finetune(model: nn.Module, config: Any, task: Task) -> StageResult:
+    from .train import fit
+
+    result = fit(model, task, config, hooks=training_hooks(model))
+    return StageResult(model, {"fit": result.to_dict()})
+
+
+def _register_finetune() -> None:
+    from .train import TrainConfig
+
+    STAGES.setdefault(TrainConfig, _finetune)
+
+
+_register_finetune()

@@ -72,3 +72,11 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def console():
+    """A rich Console that keeps wide tables readable when output is not a terminal (CI, logs)."""
+    from rich.console import Console
+
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=160)

@@ -1,1 +1,5 @@
-"""torchslim.report (re-exports are filled in as the technique lands)."""
+"""HTML report and figures of a run."""
+
+from .html import render, write_report
+
+__all__ = ["render", "write_report"]

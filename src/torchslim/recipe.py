@@ -1,0 +1,254 @@
+"""Recipe schema: YAML/JSON -> validated task, model and stage configs, before any work starts.
+
+A recipe names a task and a model (zoo names or ``package.module:function``), a seed, an
+optional baseline training budget, and an ordered list of stages. Each stage is a mapping with
+exactly one technique key (the technique's registered name, e.g. ``prune``, ``share``,
+``quant``) whose value holds that technique's config fields, plus an optional ``finetune``
+block (TrainConfig fields) run after the technique and an optional ``name``.
+
+Every error is one line naming the path inside the recipe, e.g.
+``stages[2].prune.sparsity: must be in [0, 1), got 1.3``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+
+from .errors import ConfigError, TorchslimError
+from .stage import stage_names
+from .train import TrainConfig
+
+EXPORTS = ("safetensors", "onnx", "archive")
+
+
+class RecipeError(TorchslimError):
+    """A recipe is invalid; the message starts with the path inside the recipe."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+
+class TaskSpec(_Strict):
+    name: str
+    kwargs: dict[str, Any] = {}
+
+
+class ModelSpec(_Strict):
+    name: str
+    weights: str | None = None
+    kwargs: dict[str, Any] = {}
+
+
+class MeasureSpec(_Strict):
+    batch_size: int = 256
+    threads: int | None = None
+    repeats: int = 20
+
+
+class RecipeSpec(_Strict):
+    """The raw recipe as written (stages still as mappings)."""
+
+    task: Union[str, TaskSpec]
+    model: Union[str, ModelSpec]
+    seed: int = 0
+    train: dict[str, Any] | None = None
+    stages: list[dict[str, Any]] = []
+    export: list[str] = []
+    measure: MeasureSpec = MeasureSpec()
+    out: str | None = None
+    name: str | None = None
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    technique: str
+    config: Any
+    finetune: TrainConfig | None = None
+
+
+@dataclasses.dataclass
+class Recipe:
+    spec: RecipeSpec
+    task: TaskSpec
+    model: ModelSpec
+    train: TrainConfig | None
+    stages: list[Stage]
+    source: dict[str, Any]
+
+
+def load_recipe(path_or_data: str | Path | dict[str, Any]) -> Recipe:
+    """Read (YAML or JSON file, or a dict) and validate a whole recipe."""
+    data = _read(path_or_data) if not isinstance(path_or_data, dict) else path_or_data
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe: must be a mapping with keys task, model, stages, got {type(data).__name__}")
+    try:
+        spec = RecipeSpec.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_pydantic_message(exc)) from None
+    task = spec.task if isinstance(spec.task, TaskSpec) else TaskSpec(name=spec.task)
+    model = spec.model if isinstance(spec.model, ModelSpec) else ModelSpec(name=spec.model)
+    _check(spec.measure.batch_size >= 1, "measure.batch_size", f"must be >= 1, got {spec.measure.batch_size}")
+    _check(spec.measure.repeats >= 1, "measure.repeats", f"must be >= 1, got {spec.measure.repeats}")
+    _check(spec.measure.threads is None or spec.measure.threads >= 1, "measure.threads", "must be >= 1 or null")
+    for i, e in enumerate(spec.export):
+        _check(e in EXPORTS, f"export[{i}]", f"unknown export {e!r}; use one of {', '.join(EXPORTS)}")
+    train = build_dataclass(TrainConfig, spec.train, "train") if spec.train is not None else None
+    stages = [_build_stage(raw, f"stages[{i}]", i) for i, raw in enumerate(spec.stages)]
+    _dedupe_names(stages)
+    return Recipe(spec, task, model, train, stages, data)
+
+
+def _read(path: str | Path) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe: file {str(p)!r} does not exist")
+    text = p.read_text()
+    try:
+        return json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        first = " ".join(str(exc).split())[:160]
+        raise RecipeError(f"recipe: {str(p)!r} is not valid {'JSON' if p.suffix == '.json' else 'YAML'} ({first})") from None
+
+
+def _build_stage(raw: Any, path: str, index: int) -> Stage:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: must be a mapping like {{prune: {{sparsity: 0.9}}}}, got {type(raw).__name__}")
+    names = stage_names()
+    techniques = [k for k in raw if k not in ("finetune", "name")]
+    if len(techniques) != 1:
+        raise RecipeError(f"{path}: needs exactly one technique key (one of {', '.join(sorted(names))}), got {techniques or 'none'}")
+    tech = techniques[0]
+    if tech not in names:
+        raise RecipeError(f"{path}.{tech}: unknown technique; use one of {', '.join(sorted(names))}")
+    config = build_dataclass(names[tech], raw[tech] if raw[tech] is not None else {}, f"{path}.{tech}")
+    finetune = build_dataclass(TrainConfig, raw["finetune"], f"{path}.finetune") if raw.get("finetune") is not None else None
+    name = raw.get("name", tech)
+    if not isinstance(name, str):
+        raise RecipeError(f"{path}.name: must be a string, got {type(name).__name__}")
+    return Stage(name, tech, config, finetune)
+
+
+def _dedupe_names(stages: list[Stage]) -> None:
+    """Stage names label rows and artifacts: make repeated ones unique (prune, prune-2, ...)."""
+    seen: dict[str, int] = {"baseline": 1}
+    for stage in stages:
+        n = seen.get(stage.name, 0)
+        seen[stage.name] = n + 1
+        if n:
+            stage.name = f"{stage.name}-{n + 1}"
+
+
+def build_dataclass(cls: type, data: Any, path: str) -> Any:
+    """Build config dataclass ``cls`` from a mapping, checking keys and types field by field."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: must be a mapping of {cls.__name__} fields, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise RecipeError(f"{path}.{key}: unknown field of {cls.__name__}; known: {', '.join(fields)}")
+        kwargs[key] = _coerce(hints.get(key, Any), value, f"{path}.{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise RecipeError(_rebase(str(exc), cls.__name__, path)) from None
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise RecipeError(f"{path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: fall back to no type checks
+        return {}
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    nested = _dataclass_in(hint)
+    if nested is not None and isinstance(value, dict):
+        return build_dataclass(nested, value, path)
+    if not _checkable(hint):
+        return value
+    try:
+        return _adapter(hint).validate_python(value)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = "".join(f"[{p}]" if isinstance(p, int) else "" for p in err["loc"])
+        return _raise(f"{path}{where}: {err['msg'].lower()}, got {value!r}"[:300])
+
+
+def _raise(msg: str):
+    raise RecipeError(msg)
+
+
+@functools.cache
+def _adapter(hint: Any) -> TypeAdapter:
+    return TypeAdapter(hint)
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        return hint
+    for arg in typing.get_args(hint):
+        if dataclasses.is_dataclass(arg) and isinstance(arg, type):
+            return arg
+    return None
+
+
+def _checkable(hint: Any) -> bool:
+    """True when pydantic can validate the hint (plain data types only; not modules or Any)."""
+    if hint is Any or _dataclass_in(hint) is not None:
+        return False
+    if isinstance(hint, type):
+        return hint in (int, float, str, bool, dict, list, tuple)
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType, list, tuple, dict, typing.Literal):
+        return all(a is Ellipsis or a is type(None) or _checkable(a) or origin is typing.Literal
+                   for a in typing.get_args(hint))
+    return False
+
+
+def _rebase(message: str, cls_name: str, path: str) -> str:
+    """'PruneConfig.sparsity: ...' -> 'stages[0].prune.sparsity: ...' (else prefix the path)."""
+    prefix = f"{cls_name}."
+    if message.startswith(prefix):
+        return f"{path}.{message[len(prefix):]}"
+    if message.startswith("TrainConfig."):
+        return f"{path}.{message[len('TrainConfig.'):]}"
+    return f"{path}: {message}"
+
+
+def _check(cond: bool, path: str, msg: str) -> None:
+    if not cond:
+        raise RecipeError(f"{path}: {msg}")
+
+
+def _pydantic_message(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = [p for p in err["loc"] if p not in ("str", "TaskSpec", "ModelSpec") and "function" not in str(p)]
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "recipe"
+    msg = err["msg"].lower()
+    if err["type"] == "extra_forbidden":
+        msg = f"unknown key; allowed here: {', '.join(_allowed(loc))}"
+    got = err.get("input")
+    tail = f", got {got!r}"[:120] if err["type"] not in ("extra_forbidden", "missing") else ""
+    return f"{path}: {msg}{tail}"
+
+
+def _allowed(loc: list) -> list[str]:
+    models = {"task": TaskSpec, "model": ModelSpec, "measure": MeasureSpec}
+    model = models.get(loc[0], RecipeSpec) if len(loc) > 1 else RecipeSpec
+    return list(model.model_fields)

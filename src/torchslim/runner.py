@@ -1,0 +1,202 @@
+"""Run a recipe: baseline -> stage 1 -> measure -> stage 2 -> measure -> ... -> exports, run.json.
+
+After every stage the model is checkpointed (atomically) under ``<out>/.state/`` together with
+the rows so far, so ``resume=True`` restarts at the first unfinished stage. Stage ``i`` runs
+with seed ``recipe.seed + i``, so a resumed run computes the same numbers as an uninterrupted
+one. Artifacts are written atomically; a half-written file is never visible.
+
+Stage checkpoints hold whole modules (compressed models carry codebooks, masks, quantized
+tensors that no fixed state_dict layout describes), so they are pickled with ``torch.save``
+and read back with ``weights_only=False``: they are this run's own files in its own output
+directory, never user input. User-supplied weights are read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import TorchslimError
+from .export.weights import load_weights, save_weights
+from .measure import MeasureConfig, Record, measure
+from .recipe import Recipe, Stage, load_recipe
+from .stage import apply_stage, training_hooks
+from .train import fit
+from .utils import atomic_write, atomic_write_text, seed_everything
+from .zoo import build_model, build_task
+
+Progress = Callable[[str], None]
+
+
+def run_recipe(recipe: Recipe | str | Path | dict, out: str | Path | None = None, resume: bool = False,
+               log: Progress = print) -> dict[str, Any]:
+    """Run every stage of recipe, measuring after each; return (and write) the run summary."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    out_dir = Path(out or recipe.spec.out or "out")
+    state_dir = out_dir / ".state"
+    start = time.perf_counter()
+    mcfg = MeasureConfig(batch_size=recipe.spec.measure.batch_size, threads=recipe.spec.measure.threads,
+                         repeats=recipe.spec.measure.repeats)
+    task = build_task(recipe.task.name, **recipe.task.kwargs)
+    state = _load_state(state_dir) if resume else None
+    if state is None:
+        model = _baseline(recipe, task, log)
+        rows = [_measure(model, task, mcfg, out_dir, "baseline", None, {})]
+        state = {"done": 0, "rows": rows, "timings": {"baseline": round(time.perf_counter() - start, 2)}}
+        _save_state(state_dir, model, state)
+    else:
+        model = torch.load(state_dir / "model.pt", map_location="cpu", weights_only=False)
+        log(f"resuming after stage {state['done']} of {len(recipe.stages)}")
+    for i, stage in enumerate(recipe.stages):
+        if i < state["done"]:
+            continue
+        t0 = time.perf_counter()
+        log(f"stage {stage.name}: {stage.technique}")
+        model, info, save = _run_stage(model, stage, task, recipe.spec.seed + i + 1)
+        state["rows"].append(_measure(model, task, mcfg, out_dir, stage.name, save, info))
+        state["done"] = i + 1
+        state["timings"][stage.name] = round(time.perf_counter() - t0, 2)
+        _save_state(state_dir, model, state)
+    exports = _export(model, task, recipe, out_dir, log)
+    summary = _summary(recipe, state, exports, time.perf_counter() - start)
+    atomic_write_text(out_dir / "run.json", json.dumps(summary, indent=2, default=_jsonable))
+    return summary
+
+
+def _baseline(recipe: Recipe, task, log: Progress) -> nn.Module:
+    seed_everything(recipe.spec.seed)
+    model = build_model(recipe.model.name, task, **recipe.model.kwargs)
+    if recipe.model.weights:
+        load_weights(model, recipe.model.weights)
+    task.check_model(model)
+    if recipe.train is not None:
+        log(f"baseline: training {recipe.model.name} on {task.name}")
+        fit(model, task, recipe.train)
+    return model
+
+
+def _run_stage(model: nn.Module, stage: Stage, task, seed: int):
+    seed_everything(seed)
+    result = apply_stage(model, stage.config, task)
+    model = result.model
+    info = dict(result.info)
+    if stage.finetune is not None:
+        info["finetune"] = fit(model, task, stage.finetune, hooks=training_hooks(model)).to_dict()
+    return model, info, result.save
+
+
+def _measure(model, task, mcfg, out_dir: Path, name: str, save, info) -> dict[str, Any]:
+    """Measure after a stage; the stage's own compact format (if any) gives the bytes."""
+    artifact = out_dir / "artifacts" / f"{_slug(name)}"
+    if save is not None:
+        path = artifact.with_suffix(".bin")
+        atomic_write(path, lambda p: save(model, str(p)))
+        fmt = "stage format"
+    else:
+        path = save_weights(model, artifact.with_suffix(".safetensors"))
+        fmt = "safetensors state_dict"
+    record: Record = measure(model, task, mcfg, saved_path=path, stage=name)
+    row = record.to_dict()
+    row["artifact"] = str(path.relative_to(out_dir))
+    row["artifact_format"] = fmt
+    row["info"] = _jsonable(info)
+    return row
+
+
+def _export(model, task, recipe: Recipe, out_dir: Path, log: Progress) -> dict[str, str]:
+    done = {}
+    for kind in recipe.spec.export:
+        if kind == "safetensors":
+            done[kind] = str(save_weights(model, out_dir / "model.safetensors"))
+        elif kind == "onnx":
+            from .export.onnx import export_onnx
+
+            done[kind] = str(export_onnx(model, task.example_inputs(8), out_dir / "model.onnx"))
+        elif kind == "archive":
+            from .export.archive import save_archive
+
+            path = out_dir / "model.tsa"
+            save_archive(model, str(path))
+            done[kind] = str(path)
+        log(f"export {kind}: {done[kind]}")
+    return done
+
+
+def _summary(recipe: Recipe, state: dict, exports: dict, seconds: float) -> dict[str, Any]:
+    import torchslim
+
+    return {
+        "recipe": recipe.source,
+        "name": recipe.spec.name,
+        "seed": recipe.spec.seed,
+        "stages": [{"name": s.name, "technique": s.technique, "config": _jsonable(s.config),
+                    "finetune": _jsonable(s.finetune)} for s in recipe.stages],
+        "rows": state["rows"],
+        "exports": exports,
+        "timings": state["timings"],
+        "seconds": round(seconds, 2),
+        "versions": {"torchslim": getattr(torchslim, "__version__", "?"), "torch": torch.__version__,
+                     "python": platform.python_version()},
+        "machine": {"cpu": _cpu_name(), "threads": torch.get_num_threads()},
+    }
+
+
+def _save_state(state_dir: Path, model: nn.Module, state: dict) -> None:
+    try:
+        atomic_write(state_dir / "model.pt", lambda p: torch.save(model, p))
+    except Exception as exc:  # noqa: BLE001 - e.g. a runtime session that cannot be pickled
+        raise TorchslimError(f"cannot checkpoint the model after stage {state['done']}: {exc}") from None
+    atomic_write_text(state_dir / "state.json", json.dumps(state, default=_jsonable))
+
+
+def _load_state(state_dir: Path) -> dict | None:
+    path = state_dir / "state.json"
+    if not path.exists() or not (state_dir / "model.pt").exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def _jsonable(obj: Any) -> Any:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {k: _jsonable(v) for k, v in asdict(obj).items()} if _asdict_ok(obj) else repr(obj)
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return obj.item()
+    if isinstance(obj, nn.Module):
+        return f"<{type(obj).__name__}>"
+    return repr(obj)
+
+
+def _asdict_ok(obj: Any) -> bool:
+    try:
+        asdict(obj)
+        return True
+    except Exception:  # noqa: BLE001 - e.g. a field holding an nn.Module that cannot be deep-copied
+        return False
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
