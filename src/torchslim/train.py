@@ -142,6 +142,9 @@ def fit(
     model.to(device)
     seed_everything(cfg.seed)
     loader = task.split("train")
+    gen = _loader_generator(loader)
+    if gen is not None:  # shuffling depends on cfg.seed only, not on what ran before
+        gen.manual_seed(cfg.seed)
     opt = build_optimizer(params if params is not None else [p for p in model.parameters() if p.requires_grad], cfg)
     sched = build_scheduler(opt, cfg)
     use_amp = cfg.amp and device.type == "cuda"

@@ -37,7 +37,7 @@ def layer_series(run: dict[str, Any]) -> list[dict[str, Any]]:
     series = []
     for row in run.get("rows", []):
         for key, value in (row.get("info") or {}).items():
-            if not (isinstance(value, list) and value and all(isinstance(v, dict) for v in value)):
+            if key == "sensitivity" or not (isinstance(value, list) and value and all(isinstance(v, dict) for v in value)):
                 continue
             name_key = next((k for k in ("layer", "name", "module") if k in value[0]), None)
             val_key = next((k for k in LAYER_VALUE_KEYS if k in value[0] and isinstance(value[0][k], (int, float))), None)
