@@ -33,7 +33,7 @@ def test_mnist1d_generated_offline_with_configurable_size():
 def test_zoo_models_fit_digits_and_mnist1d(name):
     for task_name, kw in (("digits", {}), ("mnist1d", {"num_samples": 500})):
         if name == "lenet5" and task_name == "mnist1d":
-            with pytest.raises(ValueError, match="square"):
+            with pytest.raises(TaskError, match="square"):
                 build_model(name, build_task(task_name, **kw))
             continue
         task = build_task(task_name, **kw)

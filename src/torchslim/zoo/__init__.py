@@ -55,7 +55,10 @@ def build_task(name: str, **kwargs: Any) -> Task:
 def build_model(name: str, task: Task | None = None, **kwargs: Any) -> nn.Module:
     """A zoo model by name sized for task, or a user's model by ``"package.module:function"``."""
     if ":" in name:
-        return load_callable(name, what="model")(**kwargs)
+        try:
+            return load_callable(name, what="model")(**kwargs)
+        except TypeError as exc:
+            raise TaskError(f"model spec {name!r}: {str(exc).splitlines()[0]}") from None
     _ensure_optional_entries()
     if name not in MODELS:
         raise TaskError(f"unknown model {name!r}: choose one of {sorted(MODELS)} or 'package.module:function'")
@@ -63,7 +66,11 @@ def build_model(name: str, task: Task | None = None, **kwargs: Any) -> nn.Module
         kwargs["in_shape"] = task.input_shape
     if task is not None and task.num_classes is not None and "num_classes" not in kwargs:
         kwargs["num_classes"] = task.num_classes
-    return MODELS[name](**kwargs)
+    try:
+        return MODELS[name](**kwargs)
+    except (ValueError, TypeError) as exc:
+        where = f" for task {task.name!r}" if task is not None else ""
+        raise TaskError(f"model {name!r} cannot be built{where}: {str(exc).splitlines()[0]}") from None
 
 
 def _ensure_optional_entries() -> None:
