@@ -13,10 +13,15 @@ from .stage import StageResult, apply_stage
 from .task import Task
 from .train import FitResult, TrainConfig, fit
 
+from . import prune, quantize  # callable packages: torchslim.prune(model, cfg, task), torchslim.quantize(...)
+from .prune import NMConfig, PruneConfig, StructuredPruneConfig, TransformerPruneConfig
+from .quantize import QuantConfig
+
 __all__ = [
     "ConfigError", "FitResult", "MeasureConfig", "Record", "StageResult", "Task", "TaskError",
     "TorchslimError", "TrainConfig", "WeightsError", "apply_stage", "count_macs", "fit",
-    "format_records", "measure", "run_recipe",
+    "format_records", "measure", "run_recipe", "prune", "quantize", "PruneConfig", "NMConfig",
+    "StructuredPruneConfig", "TransformerPruneConfig", "QuantConfig",
 ]
 
 

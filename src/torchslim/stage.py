@@ -70,12 +70,17 @@ def load_techniques() -> None:
 _MISSING: dict[str, str] = {}
 
 
+_ALIASES = {"NMConfig": "nm", "QuantConfig": "quantize", "LowRankConfig": "lowrank", "TrainConfig": "train"}
+
+
 def stage_name(config_type: type) -> str:
     """Recipe key of a technique: PruneConfig -> prune, StructuredPruneConfig -> structured_prune."""
     import re
 
+    if config_type.__name__ in _ALIASES:
+        return _ALIASES[config_type.__name__]
     base = config_type.__name__.removesuffix("Config")
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", base).lower().replace("low_rank", "lowrank").replace("quant", "quantize")
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", base).lower()
 
 
 def stage_names() -> dict[str, type]:
@@ -114,3 +119,16 @@ def _register_finetune() -> None:
 
 
 _register_finetune()
+
+
+def make_callable_module(module_name: str, fn: Callable[..., Any]) -> None:
+    """Let ``torchslim.prune(model, cfg, task)`` call ``fn`` while ``torchslim.prune`` stays the
+    package (so ``import torchslim.prune.masks`` keeps working)."""
+    import sys
+    import types
+
+    class _CallableModule(types.ModuleType):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return fn(*args, **kwargs)
+
+    sys.modules[module_name].__class__ = _CallableModule

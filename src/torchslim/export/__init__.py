@@ -1,1 +1,6 @@
-"""torchslim.export (re-exports are filled in as the technique lands)."""
+"""On-disk formats: safe weights IO, sparse storage, ONNX export, the compact archive."""
+
+from .sparse import load_sparse, save_sparse
+from .weights import load_weights, read_state_dict, save_weights
+
+__all__ = ["load_sparse", "load_weights", "read_state_dict", "save_sparse", "save_weights"]

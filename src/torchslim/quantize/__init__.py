@@ -9,7 +9,17 @@ from .ptq import LayerQuant, QuantizedWeights, apply, export_weights, save_quant
 from .qat import finetune
 from .smooth import equalize, fold_batchnorm, smooth_quant
 
-__all__ = [
+from ..stage import StageResult, make_callable_module
+
+
+def quantize(model, config: QuantConfig, task) -> StageResult:
+    """Quantize model as config says; returns StageResult(model, info, save)."""
+    return apply(model, config, task)
+
+
+make_callable_module(__name__, quantize)
+
+__all__ = ["quantize", 
     "BACKENDS", "FakeQuantConv", "FakeQuantLayer", "FakeQuantLinear", "LayerChoice", "LayerQuant",
     "QuantConfig", "QuantizedWeights", "apply", "dequantize", "equalize", "export_weights", "fake_quantize",
     "finetune", "fold_batchnorm", "observe", "qparams", "quantize_tensor", "register_backend", "save_quantized",

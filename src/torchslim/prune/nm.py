@@ -1,0 +1,126 @@
+"""N:M semi-structured sparsity: in every group of M consecutive weights along the input
+dimension, keep the N most important (2:4 is what sparse tensor cores accelerate).
+
+On CUDA with 2:4, Linear weights are converted with ``torch.sparse.to_sparse_semi_structured``
+(real sparse kernels). Anywhere else the zeros are only zeros: the stage warns and records
+``speedup_expected: False`` rather than let a sparsity number pass for a speedup.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import check
+from ..export.sparse import save_sparse
+from ..stage import StageResult, register_stage
+from ..task import Task
+from ..train import TrainConfig
+from .importance import CRITERIA, score_params
+from .masks import attach_masks, layer_records, masks_of, sparsity_of
+from .schedule import finetune
+from .unstructured import DEFAULT_TYPES, PruneConfig, select_layers
+
+
+@dataclass
+class NMConfig:
+    """n, m: keep n of every m weights along the input dimension (0 < n <= m).
+    criterion / layer_types / include / exclude: as in PruneConfig. finetune: optional budget.
+    accelerate: on CUDA, convert 2:4 Linear weights to semi-structured sparse tensors."""
+
+    n: int = 2
+    m: int = 4
+    criterion: str = "magnitude"
+    layer_types: tuple[str, ...] = DEFAULT_TYPES
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    finetune: TrainConfig | None = None
+    accelerate: bool = True
+    taylor_batches: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.finetune, dict):
+            self.finetune = TrainConfig(**self.finetune)
+        check(isinstance(self.m, int) and self.m >= 1, "NMConfig.m", f"must be an integer >= 1, got {self.m!r}")
+        check(isinstance(self.n, int) and 0 < self.n <= self.m, "NMConfig.n",
+              f"need 0 < N <= M, got N={self.n!r}, M={self.m!r} (e.g. n=2, m=4)")
+        check(self.criterion in CRITERIA, "NMConfig.criterion",
+              f"unknown criterion {self.criterion!r}; use one of {', '.join(sorted(CRITERIA))}")
+        check(len(self.layer_types) > 0 and len(self.include) > 0, "NMConfig.layer_types", "must not be empty")
+
+
+def _to_groups(t: torch.Tensor) -> torch.Tensor:
+    """(out, in, *k) -> (out, *k, in): the input dimension last, so groups run along it."""
+    return t.movedim(1, -1) if t.dim() > 2 else t
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Bool mask keeping the n highest scores in each group of m along dim 1 (size % m == 0)."""
+    g = _to_groups(scores)
+    shape = g.shape
+    groups = g.reshape(-1, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(1, groups.topk(n, dim=1).indices, True)
+    keep = keep.reshape(shape)
+    return keep.movedim(-1, 1) if scores.dim() > 2 else keep
+
+
+def check_nm(weight: torch.Tensor, n: int, m: int) -> bool:
+    """True when every group of m along the input dimension has at most n non-zeros."""
+    g = _to_groups(weight).reshape(-1, m)
+    return bool(((g != 0).sum(dim=1) <= n).all())
+
+
+def _accelerate(model: nn.Module, names: list[str], cfg: NMConfig) -> tuple[list[str], str]:
+    """Swap 2:4 Linear weights for semi-structured sparse tensors where the hardware allows."""
+    device = next(model.parameters()).device
+    if (cfg.n, cfg.m) != (2, 4) or device.type != "cuda":
+        why = f"{cfg.n}:{cfg.m} pattern" if (cfg.n, cfg.m) != (2, 4) else f"device {device.type}"
+        return [], f"no sparse kernel for {why}; weights are zero-masked dense tensors and no speedup is expected"
+    from torch.sparse import to_sparse_semi_structured
+
+    done, errors = [], []
+    for name in names:
+        module = model.get_submodule(name.rpartition(".")[0])
+        if not isinstance(module, nn.Linear):
+            continue
+        try:
+            module.weight = nn.Parameter(to_sparse_semi_structured(module.weight.detach()), requires_grad=False)
+            done.append(name)
+        except Exception as exc:  # noqa: BLE001 - shape/dtype limits of the kernels: keep dense
+            errors.append(f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    return done, "; ".join(errors) or "semi-structured sparse kernels in use"
+
+
+def prune_nm(model: nn.Module, cfg: NMConfig, task: Task) -> tuple[nn.Module, dict[str, Any]]:
+    """Apply N:M masks in place (layers whose input size is not a multiple of M are skipped)."""
+    sel = PruneConfig(sparsity=0.0, layer_types=cfg.layer_types, include=cfg.include, exclude=cfg.exclude)
+    names, skipped = select_layers(model, sel)
+    params = dict(model.named_parameters())
+    bad = [n for n in names if params[n].shape[1] % cfg.m]
+    skipped += [f"{n} (input size {params[n].shape[1]} not a multiple of {cfg.m})" for n in bad]
+    names = [n for n in names if n not in bad]
+    if skipped:
+        warnings.warn(f"N:M pruning skipped layers it cannot handle: {', '.join(skipped)}", stacklevel=2)
+    scores = score_params(model, names, cfg.criterion, task, batches=cfg.taylor_batches, seed=cfg.seed)
+    attach_masks(model, {n: nm_mask(s, cfg.n, cfg.m) for n, s in scores.items()})
+    result = finetune(model, task, cfg.finetune)
+    info: dict[str, Any] = {"pattern": f"{cfg.n}:{cfg.m}", "skipped": skipped, "fit": [result.to_dict()] if result else [],
+                            "sparsity": sparsity_of({k: v for k, v in masks_of(model).items() if k in names}),
+                            "layers": layer_records(model, names)}
+    done, note = _accelerate(model, names, cfg) if cfg.accelerate else ([], "acceleration off")
+    info.update(accelerated=done, speedup_expected=bool(done), note=note)
+    if not done:
+        warnings.warn(f"N:M sparsity: {note}", stacklevel=2)
+    return model, info
+
+
+@register_stage(NMConfig)
+def apply(model: nn.Module, config: NMConfig, task: Task) -> StageResult:
+    model, info = prune_nm(model, config, task)
+    return StageResult(model, info, save=save_sparse if not info["accelerated"] else None)

@@ -1,0 +1,183 @@
+"""Unstructured pruning: ``apply(model, PruneConfig(...), task) -> StageResult``.
+
+The model is pruned in place and returned; pruned weights are zero and their masks stay on the
+model (see masks.py) so later fine-tuning keeps them, until ``masks.remove(model)``. The saved
+form (``StageResult.save``) is the sparse file of export/sparse.py, so the bytes really shrink.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, check
+from ..export.sparse import save_sparse
+from ..stage import StageResult, register_stage
+from ..task import Task
+from ..train import TrainConfig, fit
+from . import schedule as sched
+from .importance import CRITERIA
+from .masks import attach_masks, layer_records, masks_for_sparsity, masks_of, remove, sparsity_of
+from .regrow import RecoveryConfig, recover
+
+SCHEDULES = ("oneshot", "iterative", "gradual", "l1")
+SCOPES = ("global", "layer")
+DEFAULT_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+
+
+@dataclass
+class PruneConfig:
+    """sparsity: fraction of the selected weights set to zero, in [0, 1).
+    criterion: a name in importance.CRITERIA (magnitude, l1, l2, taylor, random).
+    scope: "global" (one threshold over all selected layers) or "layer" (each layer alone);
+        per_layer ({layer name: sparsity}, e.g. from sensitivity.allocate) overrides both.
+    layer_types / include / exclude: which modules' ``weight`` is pruned (class names; fnmatch
+        patterns on module names). Biases and norms are never pruned.
+    schedule: "oneshot" (prune, then fine-tune), "iterative" (``iterations`` rounds of
+        prune -> fine-tune), "gradual" (cubic schedule during fine-tune, from
+        ``initial_sparsity`` at ``gradual_start`` to ``sparsity`` at ``gradual_end``, fractions
+        of the fine-tune steps, in ``gradual_updates`` steps), "l1" (train with
+        ``finetune.l1 > 0``, then zero |w| < ``threshold`` or the smallest to ``sparsity``).
+    finetune: the fine-tune budget (TrainConfig: epochs or max_steps); recovery: RecoveryConfig.
+    keep_masks: leave masks on the model (False: bake them in with masks.remove).
+    """
+
+    sparsity: float = 0.5
+    criterion: str = "magnitude"
+    scope: str = "global"
+    per_layer: dict[str, float] | None = None
+    layer_types: tuple[str, ...] = DEFAULT_TYPES
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    schedule: str = "oneshot"
+    finetune: TrainConfig | None = None
+    iterations: int = 3
+    initial_sparsity: float = 0.0
+    gradual_start: float = 0.0
+    gradual_end: float = 0.5
+    gradual_updates: int = 20
+    threshold: float | None = None
+    taylor_batches: int = 4
+    recovery: RecoveryConfig | None = None
+    keep_masks: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.finetune, dict):
+            self.finetune = TrainConfig(**self.finetune)
+        if isinstance(self.recovery, dict):
+            self.recovery = RecoveryConfig(**self.recovery)
+        self.layer_types, self.include, self.exclude = tuple(self.layer_types), tuple(self.include), tuple(self.exclude)
+        _in01 = lambda v: isinstance(v, (int, float)) and 0.0 <= v < 1.0
+        check(_in01(self.sparsity), "PruneConfig.sparsity", f"must be in [0, 1), got {self.sparsity!r}")
+        check(self.criterion in CRITERIA, "PruneConfig.criterion",
+              f"unknown criterion {self.criterion!r}; use one of {', '.join(sorted(CRITERIA))}")
+        check(self.scope in SCOPES, "PruneConfig.scope", f"must be 'global' or 'layer', got {self.scope!r}")
+        check(self.schedule in SCHEDULES, "PruneConfig.schedule", f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        check(all(_in01(v) for v in (self.per_layer or {}).values()), "PruneConfig.per_layer", "every sparsity must be in [0, 1)")
+        check(len(self.layer_types) > 0 and len(self.include) > 0, "PruneConfig.layer_types",
+              "layer_types and include must not be empty (nothing would be pruned)")
+        needs_ft = self.schedule in ("iterative", "gradual", "l1")
+        check(not needs_ft or self.finetune is not None, "PruneConfig.finetune",
+              f"schedule {self.schedule!r} needs a fine-tune budget, e.g. finetune=TrainConfig(epochs=10)")
+        check(self.schedule != "l1" or self.finetune.l1 > 0, "PruneConfig.finetune",
+              "schedule 'l1' needs finetune=TrainConfig(l1=...) with l1 > 0")
+        check(self.iterations >= 1, "PruneConfig.iterations", f"must be >= 1, got {self.iterations!r}")
+        check(0.0 <= self.initial_sparsity <= self.sparsity, "PruneConfig.initial_sparsity", "must be in [0, sparsity]")
+        check(0.0 <= self.gradual_start < self.gradual_end <= 1.0, "PruneConfig.gradual_end",
+              "need 0 <= gradual_start < gradual_end <= 1 (fractions of the fine-tune steps)")
+        check(self.gradual_updates >= 1 and self.taylor_batches >= 1, "PruneConfig.gradual_updates",
+              "gradual_updates and taylor_batches must be >= 1")
+        check(self.threshold is None or self.threshold >= 0, "PruneConfig.threshold", "must be >= 0 or None")
+
+
+def _shared_params(model: nn.Module) -> set[int]:
+    """ids of parameters reachable from more than one module (tied weights)."""
+    seen: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            seen[id(p)] = seen.get(id(p), 0) + 1
+    return {k for k, v in seen.items() if v > 1}
+
+
+def select_layers(model: nn.Module, cfg: PruneConfig) -> tuple[list[str], list[str]]:
+    """(weights to prune, modules skipped because they cannot be handled). ConfigError if empty."""
+    shared, names, skipped = _shared_params(model), [], []
+    for mname, m in model.named_modules():
+        if not any(fnmatch.fnmatchcase(mname, p) for p in cfg.include):
+            continue
+        if any(fnmatch.fnmatchcase(mname, p) for p in cfg.exclude):
+            continue
+        shown = mname or "<root>"
+        own = [p for p in m.parameters(recurse=False) if p.dim() >= 2]
+        if type(m).__name__ in cfg.layer_types and isinstance(getattr(m, "weight", None), nn.Parameter):
+            if id(m.weight) in shared:
+                skipped.append(f"{shown} (tied weight)")
+            else:
+                names.append(f"{mname}.weight" if mname else "weight")
+        elif isinstance(m, nn.RNNBase):
+            skipped.append(f"{shown} ({type(m).__name__}: recurrent weights are not pruned)")
+        elif own:
+            skipped.append(f"{shown} ({type(m).__name__}: not in layer_types)")
+    if not names:
+        kinds = sorted({type(m).__name__ for _, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))})
+        raise ConfigError(f"PruneConfig.layer_types: no layer selected (layer_types={list(cfg.layer_types)}, "
+                          f"include={list(cfg.include)}, exclude={list(cfg.exclude)}); the model has {kinds}")
+    unknown = [n for n in (cfg.per_layer or {}) if n not in names and f"{n}.weight" not in names]
+    check(not unknown, "PruneConfig.per_layer", f"names {unknown} are not selected layers; selected: {names}")
+    return names, skipped
+
+
+def _l1_then_threshold(model: nn.Module, task: Task, names: list[str], cfg: PruneConfig) -> dict[str, Any]:
+    """Sparsify by L1-regularised training, then zero small weights (threshold or to sparsity)."""
+    result = fit(model, task, cfg.finetune)
+    params = dict(model.named_parameters())
+    if cfg.threshold is not None:
+        masks = {n: params[n].detach().abs() >= cfg.threshold for n in names}
+    else:
+        scores = {n: params[n].detach().abs() for n in names}
+        masks = masks_for_sparsity(scores, sched._targets(cfg, names, cfg.sparsity), "layer" if cfg.per_layer else cfg.scope)
+    attach_masks(model, masks)
+    return {"fit": [result.to_dict()]}
+
+
+RUNNERS = {"oneshot": sched.oneshot, "iterative": sched.iterative, "gradual": sched.gradual, "l1": _l1_then_threshold}
+
+
+def prune_model(model: nn.Module, cfg: PruneConfig, task: Task) -> tuple[nn.Module, dict[str, Any]]:
+    """Prune model in place following cfg; return it and the record of what changed."""
+    names, skipped = select_layers(model, cfg)
+    check(cfg.recovery is None or task.val is not None, "PruneConfig.recovery",
+          f"needs a validation split; task {task.name!r} has none")
+    if skipped:
+        warnings.warn(f"pruning skipped layers it cannot handle: {', '.join(skipped)}", stacklevel=2)
+    originals = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
+    reference = task.evaluate(model, "val") if cfg.recovery is not None and task.val is not None else None
+    info: dict[str, Any] = {"schedule": cfg.schedule, "target_sparsity": cfg.sparsity, "skipped": skipped}
+    info.update(RUNNERS[cfg.schedule](model, task, names, cfg))
+    if cfg.recovery is not None:
+        info["recovery"] = recover(model, task, names, cfg.recovery, originals, reference)
+    info["sparsity"] = sparsity_of({k: v for k, v in masks_of(model).items() if k in names})
+    info["layers"] = layer_records(model, names)
+    if not cfg.keep_masks:
+        remove(model)
+    return model, info
+
+
+@register_stage(PruneConfig)
+def apply(model: nn.Module, config: PruneConfig, task: Task) -> StageResult:
+    """Stage entry point: prune, and save with the compact sparse format."""
+    model, info = prune_model(model, config, task)
+    return StageResult(model, info, save=save_sparse)
+
+
+def weight_sparsity(model: nn.Module, names: list[str] | None = None) -> float:
+    """Fraction of exact zeros in the named (default: all >= 2-D) weights."""
+    params = [p for n, p in model.named_parameters() if (names is None and p.dim() >= 2) or (names and n in names)]
+    total = sum(p.numel() for p in params)
+    return 1.0 - sum(int(torch.count_nonzero(p)) for p in params) / total if total else 0.0
