@@ -1,0 +1,17 @@
+"""Test-suite settings: one torch thread (tiny models; on a busy 2-core machine extra OpenMP
+threads only wait on each other) and no network for Hugging Face."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
