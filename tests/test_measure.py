@@ -323,3 +323,15 @@ def test_onnxruntime_runtime_matches_torch(tmp_path):
     rec = measure(model, _T(), cfg)
     assert set(rec.latency) == {"eager", "onnxruntime"}
     assert all(v["median_ms"] > 0 for v in rec.latency.values())
+
+
+def test_shared_weights_count_as_the_weights_they_compute():
+    from torchslim.share import ShareConfig, apply
+    from torchslim.zoo import build_model
+
+    model = build_model("lenet300")
+    with torch.no_grad():
+        model.net[1].weight[:, :32] = 0  # 300 * 32 zeros that sharing keeps
+    apply(model, ShareConfig(bits=3, layers=["net.1"]))
+    assert count_params(model) == 50_610  # the logical weights, not codebook + ignored original
+    assert count_nonzeros(model) == 50_610 - 300 * 32

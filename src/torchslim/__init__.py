@@ -16,12 +16,14 @@ from .train import FitResult, TrainConfig, fit
 from . import prune, quantize  # callable packages: torchslim.prune(model, cfg, task), torchslim.quantize(...)
 from .prune import NMConfig, PruneConfig, StructuredPruneConfig, TransformerPruneConfig
 from .quantize import QuantConfig
+from .share import ShareConfig
+from .share import apply as cluster
 
 __all__ = [
     "ConfigError", "FitResult", "MeasureConfig", "Record", "StageResult", "Task", "TaskError",
     "TorchslimError", "TrainConfig", "WeightsError", "apply_stage", "count_macs", "fit",
     "format_records", "measure", "run_recipe", "prune", "quantize", "PruneConfig", "NMConfig",
-    "StructuredPruneConfig", "TransformerPruneConfig", "QuantConfig",
+    "StructuredPruneConfig", "TransformerPruneConfig", "QuantConfig", "ShareConfig", "cluster",
 ]
 
 

@@ -14,25 +14,26 @@ def inspect_file(path: str):
     if not p.is_file():
         raise TorchslimError(f"inspect: file {path!r} does not exist")
     table = Table(title=f"{p.name} ({p.stat().st_size:,} bytes)")
-    head = p.read_bytes()[:8]
+    with open(p, "rb") as fh:
+        head = fh.read(4)
+    if head == b"TSLA" or p.suffix == ".tsla":
+        return _archive(p, table)
     if p.suffix == ".onnx":
         return _onnx(p, table)
-    if p.suffix == ".safetensors" or p.suffix in (".pt", ".pth"):
+    if p.suffix in (".safetensors", ".pt", ".pth"):
         return _state_dict(p, table)
-    try:
-        from .export.archive import inspect_archive
-    except ImportError:
-        inspect_archive = None
-    if inspect_archive is not None:
-        info = inspect_archive(str(p))
-        rows = info.get("tensors", info) if isinstance(info, dict) else info
-        if isinstance(rows, list) and rows:
-            for col in rows[0]:
-                table.add_column(str(col))
-            for r in rows:
-                table.add_row(*[str(v) for v in r.values()])
-            return table
-    raise TorchslimError(f"inspect: unknown file type {p.suffix or head!r}; expected .tsa, .safetensors, .pt or .onnx")
+    raise TorchslimError(f"inspect: unknown file type {p.suffix!r}; expected .tsla, .safetensors, .pt or .onnx")
+
+
+def _archive(p: Path, table):
+    from .export.archive import inspect_archive
+
+    rows = inspect_archive(str(p)).get("tensors", [])
+    for col in (rows[0] if rows else {"tensor": ""}):
+        table.add_column(str(col))
+    for r in rows:
+        table.add_row(*[str(v) for v in r.values()])
+    return table
 
 
 def _state_dict(p: Path, table):

@@ -168,10 +168,27 @@ def _dense(t: torch.Tensor) -> torch.Tensor | None:
     return t if type(t) in (torch.Tensor, nn.Parameter) else None
 
 
+def _weight_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The model's logical weights: Parameters (shared ones once), except that a parametrized
+    tensor (e.g. weight = codebook[indices] * mask) counts as the tensor it computes, not as the
+    codebook and the ignored original behind it."""
+    from torch.nn.utils import parametrize
+
+    hidden: set[int] = set()
+    computed: list[torch.Tensor] = []
+    for m in model.modules():
+        if parametrize.is_parametrized(m):
+            hidden.update(id(p) for p in m.parametrizations.parameters())
+            with torch.no_grad():
+                computed += [getattr(m, name) for name in m.parametrizations]
+    return [p for p in model.parameters() if id(p) not in hidden] + computed
+
+
 def count_params(model: nn.Module) -> int:
-    """Number of weights: Parameters (shared ones once, tensor subclasses by logical shape)
-    plus the packed weights and biases of torch.ao quantized modules."""
-    total = sum(p.numel() for p in model.parameters())  # parameters() already dedups shared ones
+    """Number of weights: Parameters (shared ones once, tensor subclasses by logical shape,
+    parametrized tensors by their computed shape) plus the packed weights and biases of
+    torch.ao quantized modules."""
+    total = sum(p.numel() for p in _weight_tensors(model))
     for m in _packed_modules(model):
         w, b = m._weight_bias()
         total += w.numel() + (b.numel() if b is not None else 0)
@@ -182,7 +199,7 @@ def count_nonzeros(model: nn.Module) -> int:
     """Non-zero weights over the same tensors as count_params. Quantized weights count their
     dequantized values (zero iff the stored code equals the zero point); a tensor type that can
     neither be dequantized nor counted is taken as dense (and logged)."""
-    tensors = list(model.parameters())
+    tensors = _weight_tensors(model)
     for m in _packed_modules(model):
         w, b = m._weight_bias()
         tensors += [w] + ([b] if b is not None else [])

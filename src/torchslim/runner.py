@@ -6,7 +6,7 @@ with seed ``recipe.seed + i``, so a resumed run computes the same numbers as an 
 one. Artifacts are written atomically; a half-written file is never visible.
 
 Stage checkpoints hold whole modules (compressed models carry codebooks, masks, quantized
-tensors that no fixed state_dict layout describes), so they are pickled with ``torch.save``
+tensors that no fixed state_dict layout describes), so they are pickled (``checkpoint.py``)
 and read back with ``weights_only=False``: they are this run's own files in its own output
 directory, never user input. User-supplied weights are read with ``weights_only=True``.
 """
@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint import load_module, save_module
 from .errors import TorchslimError
 from .export.weights import load_weights, save_weights
 from .measure import MeasureConfig, Record, measure
@@ -53,7 +54,7 @@ def run_recipe(recipe: Recipe | str | Path | dict, out: str | Path | None = None
         state = {"done": 0, "rows": rows, "timings": {"baseline": round(time.perf_counter() - start, 2)}}
         _save_state(state_dir, model, state)
     else:
-        model = torch.load(state_dir / "model.pt", map_location="cpu", weights_only=False)
+        model = load_module(state_dir / "model.pt")
         log(f"resuming after stage {state['done']} of {len(recipe.stages)}")
     for i, stage in enumerate(recipe.stages):
         if i < state["done"]:
@@ -123,7 +124,7 @@ def _export(model, task, recipe: Recipe, out_dir: Path, log: Progress) -> dict[s
         elif kind == "archive":
             from .export.archive import save_archive
 
-            path = out_dir / "model.tsa"
+            path = out_dir / "model.tsla"
             save_archive(model, str(path))
             done[kind] = str(path)
         log(f"export {kind}: {done[kind]}")
@@ -151,7 +152,7 @@ def _summary(recipe: Recipe, state: dict, exports: dict, seconds: float) -> dict
 
 def _save_state(state_dir: Path, model: nn.Module, state: dict) -> None:
     try:
-        atomic_write(state_dir / "model.pt", lambda p: torch.save(model, p))
+        save_module(model, state_dir / "model.pt")
     except Exception as exc:  # noqa: BLE001 - e.g. a runtime session that cannot be pickled
         raise TorchslimError(f"cannot checkpoint the model after stage {state['done']}: {exc}") from None
     atomic_write_text(state_dir / "state.json", json.dumps(state, default=_jsonable))
