@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from .checkpoint import load_module, save_module
-from .errors import TorchslimError
 from .export.weights import load_weights, save_weights
 from .measure import MeasureConfig, Record, measure
 from .recipe import Recipe, Stage, load_recipe
@@ -51,10 +50,12 @@ def run_recipe(recipe: Recipe | str | Path | dict, out: str | Path | None = None
     if state is None:
         model = _baseline(recipe, task, log)
         rows = [_measure(model, task, mcfg, out_dir, "baseline", None, {})]
-        state = {"done": 0, "rows": rows, "timings": {"baseline": round(time.perf_counter() - start, 2)}}
-        _save_state(state_dir, model, state)
+        state = {"done": 0, "ckpt_done": 0, "rows": rows, "timings": {"baseline": round(time.perf_counter() - start, 2)}}
+        _save_state(state_dir, model, state, log)
     else:
         model = load_module(state_dir / "model.pt")
+        state["done"] = state["ckpt_done"]  # stages after the last checkpointable model run again
+        state["rows"] = state["rows"][: state["done"] + 1]
         log(f"resuming after stage {state['done']} of {len(recipe.stages)}")
     for i, stage in enumerate(recipe.stages):
         if i < state["done"]:
@@ -65,7 +66,7 @@ def run_recipe(recipe: Recipe | str | Path | dict, out: str | Path | None = None
         state["rows"].append(_measure(model, task, mcfg, out_dir, stage.name, save, info))
         state["done"] = i + 1
         state["timings"][stage.name] = round(time.perf_counter() - t0, 2)
-        _save_state(state_dir, model, state)
+        _save_state(state_dir, model, state, log)
     exports = _export(model, task, recipe, out_dir, log)
     summary = _summary(recipe, state, exports, time.perf_counter() - start)
     atomic_write_text(out_dir / "run.json", json.dumps(summary, indent=2, default=_jsonable))
@@ -150,11 +151,15 @@ def _summary(recipe: Recipe, state: dict, exports: dict, seconds: float) -> dict
     }
 
 
-def _save_state(state_dir: Path, model: nn.Module, state: dict) -> None:
+def _save_state(state_dir: Path, model: nn.Module, state: dict, log: Progress) -> None:
+    """Checkpoint the model and the rows. A model that cannot be pickled (e.g. one holding a
+    runtime session) is not checkpointed: a resume then restarts from the last one that was."""
     try:
         save_module(model, state_dir / "model.pt")
-    except Exception as exc:  # noqa: BLE001 - e.g. a runtime session that cannot be pickled
-        raise TorchslimError(f"cannot checkpoint the model after stage {state['done']}: {exc}") from None
+        state["ckpt_done"] = state["done"]
+    except Exception as exc:  # noqa: BLE001 - keep the run going; resume just redoes this stage
+        log(f"note: model after stage {state['done']} cannot be checkpointed ({type(exc).__name__}); "
+            f"a resume restarts after stage {state['ckpt_done']}")
     atomic_write_text(state_dir / "state.json", json.dumps(state, default=_jsonable))
 
 
