@@ -7,23 +7,54 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import (  # callable packages: torchslim.prune(model, cfg, task), torchslim.quantize(...)
+    prune,
+    quantize,
+)
+from .distill import DistillConfig
+from .distill import apply as distill
 from .errors import ConfigError, TaskError, TorchslimError, WeightsError
+from .lowrank import LowRankConfig
+from .lowrank import apply as factorize
 from .measure import MeasureConfig, Record, count_macs, format_records, measure
-from .stage import StageResult, apply_stage
-from .task import Task
-from .train import FitResult, TrainConfig, fit
-
-from . import prune, quantize  # callable packages: torchslim.prune(model, cfg, task), torchslim.quantize(...)
 from .prune import NMConfig, PruneConfig, StructuredPruneConfig, TransformerPruneConfig
 from .quantize import QuantConfig
 from .share import ShareConfig
 from .share import apply as cluster
+from .stage import StageResult, apply_stage
+from .task import Task
+from .train import FitResult, TrainConfig, fit
 
 __all__ = [
-    "ConfigError", "FitResult", "MeasureConfig", "Record", "StageResult", "Task", "TaskError",
-    "TorchslimError", "TrainConfig", "WeightsError", "apply_stage", "count_macs", "fit",
-    "format_records", "measure", "run_recipe", "prune", "quantize", "PruneConfig", "NMConfig",
-    "StructuredPruneConfig", "TransformerPruneConfig", "QuantConfig", "ShareConfig", "cluster",
+    "ConfigError",
+    "DistillConfig",
+    "FitResult",
+    "LowRankConfig",
+    "MeasureConfig",
+    "NMConfig",
+    "PruneConfig",
+    "QuantConfig",
+    "Record",
+    "ShareConfig",
+    "StageResult",
+    "StructuredPruneConfig",
+    "Task",
+    "TaskError",
+    "TorchslimError",
+    "TrainConfig",
+    "TransformerPruneConfig",
+    "WeightsError",
+    "apply_stage",
+    "cluster",
+    "count_macs",
+    "distill",
+    "factorize",
+    "fit",
+    "format_records",
+    "measure",
+    "prune",
+    "quantize",
+    "run_recipe",
 ]
 
 

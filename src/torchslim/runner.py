@@ -17,7 +17,7 @@ import json
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ def run_recipe(recipe: Recipe | str | Path | dict, out: str | Path | None = None
     if state is None:
         model = _baseline(recipe, task, log)
         rows = [_measure(model, task, mcfg, out_dir, "baseline", None, {})]
+        save_module(model, state_dir / "baseline.pt")  # teacher for distillation stages
         state = {"done": 0, "ckpt_done": 0, "rows": rows, "timings": {"baseline": round(time.perf_counter() - start, 2)}}
         _save_state(state_dir, model, state, log)
     else:
@@ -62,7 +63,8 @@ def run_recipe(recipe: Recipe | str | Path | dict, out: str | Path | None = None
             continue
         t0 = time.perf_counter()
         log(f"stage {stage.name}: {stage.technique}")
-        model, info, save = _run_stage(model, stage, task, recipe.spec.seed + i + 1)
+        config = _with_teacher(stage.config, state_dir / "baseline.pt")
+        model, info, save = _run_stage(model, stage, config, task, recipe.spec.seed + i + 1)
         state["rows"].append(_measure(model, task, mcfg, out_dir, stage.name, save, info))
         state["done"] = i + 1
         state["timings"][stage.name] = round(time.perf_counter() - t0, 2)
@@ -85,9 +87,16 @@ def _baseline(recipe: Recipe, task, log: Progress) -> nn.Module:
     return model
 
 
-def _run_stage(model: nn.Module, stage: Stage, task, seed: int):
+def _with_teacher(config: Any, baseline_path: Path) -> Any:
+    """A distillation stage without a teacher learns from the uncompressed baseline (recovery)."""
+    if getattr(config, "teacher", "absent") is None and baseline_path.exists():
+        return replace(config, teacher=load_module(baseline_path).eval())
+    return config
+
+
+def _run_stage(model: nn.Module, stage: Stage, config: Any, task, seed: int):
     seed_everything(seed)
-    result = apply_stage(model, stage.config, task)
+    result = apply_stage(model, config, task)
     model = result.model
     info = dict(result.info)
     if stage.finetune is not None:

@@ -85,7 +85,7 @@ class Task:
         inputs, _ = next(iter(self.split(split)))
         if batch_size is None:
             return inputs
-        return _resize_batch(inputs, batch_size)
+        return resize_batch(inputs, batch_size)
 
     @torch.no_grad()
     def outputs_and_targets(
@@ -100,7 +100,7 @@ class Task:
                 if max_batches is not None and i >= max_batches:
                     break
                 out = call_model(model, to_device(inputs, device))
-                outs.append(_as_tensor(out).float().cpu())
+                outs.append(as_tensor(out).float().cpu())
                 tgts.append(targets.cpu())
         finally:
             model.train(was_training)
@@ -122,13 +122,13 @@ class Task:
         """Run one small batch through model, loss and metric; TaskError if they do not fit."""
         inputs, targets = next(iter(self.test))
         n = min(4, batch_size_of(inputs))
-        inputs, targets = _resize_batch(inputs, n), targets[:n]
+        inputs, targets = resize_batch(inputs, n), targets[:n]
         device = model_device(model)
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                out = _as_tensor(call_model(model, to_device(inputs, device))).float().cpu()
+                out = as_tensor(call_model(model, to_device(inputs, device))).float().cpu()
                 if self.num_classes is not None and out.ndim == 2 and out.shape[1] != self.num_classes:
                     raise TaskError(
                         f"model does not fit task {self.name!r}: it outputs {out.shape[1]} values per "
@@ -163,7 +163,7 @@ def load_callable(spec: str, what: str) -> Callable[..., Any]:
     return fn
 
 
-def _as_tensor(out: Any) -> torch.Tensor:
+def as_tensor(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
     for key in ("logits", "sentence_embedding", "last_hidden_state"):
@@ -176,13 +176,13 @@ def _as_tensor(out: Any) -> torch.Tensor:
     raise TaskError(f"model output of type {type(out).__name__} is not a Tensor")
 
 
-def _resize_batch(inputs: Any, n: int) -> Any:
+def resize_batch(inputs: Any, n: int) -> Any:
     if isinstance(inputs, torch.Tensor):
         reps = -(-n // inputs.shape[0])
         return inputs.repeat(reps, *([1] * (inputs.ndim - 1)))[:n] if reps > 1 else inputs[:n]
     if isinstance(inputs, Mapping):
-        return {k: _resize_batch(v, n) for k, v in inputs.items()}
-    return type(inputs)(_resize_batch(v, n) for v in inputs)
+        return {k: resize_batch(v, n) for k, v in inputs.items()}
+    return type(inputs)(resize_batch(v, n) for v in inputs)
 
 
 def _describe(inputs: Any) -> str:
@@ -191,3 +191,8 @@ def _describe(inputs: Any) -> str:
     if isinstance(inputs, Mapping):
         return "{" + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in inputs.items()) + "}"
     return type(inputs).__name__
+
+
+# Old private names, still imported by some modules.
+_as_tensor = as_tensor
+_resize_batch = resize_batch

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import ConfigError, check
 from ..stage import StageResult, register_stage
-from ..task import Task, _as_tensor, call_model
+from ..task import Task, as_tensor, call_model
 from ..utils import model_device, to_device
 
 CRITERIA = ("metric", "output")
@@ -124,7 +124,7 @@ def _outputs(model: nn.Module, task: Task, split: str, batches: int) -> tuple[li
         for i, (inputs, targets) in enumerate(task.split(split)):
             if i >= batches:
                 break
-            outs.append(_as_tensor(call_model(model, to_device(inputs, device))).float().cpu())
+            outs.append(as_tensor(call_model(model, to_device(inputs, device))).float().cpu())
             tgts.append(targets)
     return outs, tgts
 

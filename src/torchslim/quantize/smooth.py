@@ -66,10 +66,10 @@ def trace_edges(model: nn.Module, inputs: Any) -> tuple[dict[str, str], dict[str
 
 @torch.no_grad()
 def _output(model: nn.Module, inputs: Any) -> torch.Tensor:
-    from ..task import _as_tensor
+    from ..task import as_tensor
 
     model.eval()
-    return _as_tensor(call_model(model, to_device(inputs, model_device(model)))).float()
+    return as_tensor(call_model(model, to_device(inputs, model_device(model)))).float()
 
 
 def _unchanged(before: torch.Tensor, model: nn.Module, inputs: Any, rtol: float = 1e-3) -> bool:

@@ -1,0 +1,192 @@
+"""Low-rank factorization: a Linear/Conv layer replaced by two thinner ones via truncated SVD.
+
+Linear ``W (out×in) ≈ B·A`` with ``B = U_r·√S_r`` and ``A = √S_r·V_rᵀ`` becomes
+``Linear(in, r) -> Linear(r, out)`` (bias kept on the second). A k×k Conv is reshaped to
+``out × (in·k·k)`` and becomes ``Conv(in, r, k×k) -> Conv(r, out, 1×1)`` (stride, padding and
+dilation on the first). By Eckart–Young the truncation is the best rank-r approximation:
+``||W - W_r||_F² = Σ_{i>r} σ_i²``, which is reported per layer as a relative error.
+
+A layer is only replaced where it really saves MACs: ``r·(in + out) <= (1 - min_mac_saving)·in·out``
+(in counted as in·k·k for convs); otherwise it is left as is and the record says why.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, check
+from .stage import StageResult, register_stage, training_hooks
+from .task import Task, call_model
+from .train import TrainConfig, fit
+from .utils import model_device, to_device
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass
+class LowRankConfig:
+    """How to choose each layer's rank (exactly one of energy / ratio / rank).
+
+    energy: keep the smallest r whose singular values hold this share of Σσ², in (0, 1].
+    ratio: target parameter (= MAC) ratio per layer in (0, 1): r = floor(ratio·in·out/(in+out)).
+    rank: a fixed rank, or {layer_name: rank}; larger than min(in, out) is an error.
+    layers: names of the Linear/Conv modules to consider (None: all with groups == 1).
+    min_mac_saving: only factorize a layer whose MACs drop by at least this share, in [0, 1).
+    finetune: training budget run after factorizing (None: no fine-tune).
+    """
+
+    energy: float | None = None
+    ratio: float | None = None
+    rank: int | dict[str, int] | None = None
+    layers: list[str] | None = None
+    min_mac_saving: float = 0.1
+    finetune: TrainConfig | None = None
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("energy", "ratio", "rank") if getattr(self, n) is not None]
+        check(len(given) == 1, "LowRankConfig", f"give exactly one of energy, ratio, rank (got {given or 'none'})")
+        check(self.energy is None or 0 < self.energy <= 1, "LowRankConfig.energy", f"must be in (0, 1], got {self.energy!r}")
+        check(self.ratio is None or 0 < self.ratio < 1, "LowRankConfig.ratio", f"must be in (0, 1), got {self.ratio!r}")
+        ranks = self.rank.values() if isinstance(self.rank, dict) else [] if self.rank is None else [self.rank]
+        check(all(isinstance(r, int) and r >= 1 for r in ranks), "LowRankConfig.rank", f"ranks must be integers >= 1, got {self.rank!r}")
+        check(0 <= self.min_mac_saving < 1, "LowRankConfig.min_mac_saving", f"must be in [0, 1), got {self.min_mac_saving!r}")
+        check(self.layers is None or (isinstance(self.layers, (list, tuple)) and all(isinstance(n, str) for n in self.layers)),
+              "LowRankConfig.layers", "must be a list of module names or None")
+        check(self.finetune is None or isinstance(self.finetune, TrainConfig), "LowRankConfig.finetune", "must be a TrainConfig or None")
+
+
+def _factorizable(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or (isinstance(m, _CONVS) and m.groups == 1)
+
+
+def _candidates(model: nn.Module, cfg: LowRankConfig) -> dict[str, nn.Module]:
+    mods = dict(model.named_modules())
+    names = cfg.layers if cfg.layers is not None else [n for n, m in mods.items() if _factorizable(m)]
+    if isinstance(cfg.rank, dict):  # per-layer ranks name the layers (within layers, if given)
+        for n in cfg.rank:
+            check(n in mods, "LowRankConfig.rank", f"model has no module {n!r}")
+        missing = [n for n in (cfg.layers or []) if n not in cfg.rank]
+        check(not missing, "LowRankConfig.rank", f"no rank given for layer {missing[:1]}; add it or drop it from layers")
+        names = [n for n in names if n in cfg.rank] if cfg.layers is None else names
+    for n in names:
+        check(n in mods, "LowRankConfig.layers", f"model has no module {n!r}")
+        check(_factorizable(mods[n]), "LowRankConfig.layers", f"{n!r} is a {type(mods[n]).__name__}; only Linear and Conv (groups=1) factorize")
+    return {n: mods[n] for n in names}
+
+
+def _positions(model: nn.Module, mods: dict[str, nn.Module], inputs: Any) -> dict[str, int]:
+    """Output positions per sample of each layer (1 for a Linear on vectors, H·W for a conv)."""
+    seen: dict[str, int] = {}
+
+    def hook(name: str):
+        def fn(mod: nn.Module, args: Any, out: torch.Tensor) -> None:
+            width = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
+            seen[name] = out.numel() // (out.shape[0] * width)
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            call_model(model, to_device(inputs, model_device(model)))
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return {n: seen.get(n, 1) for n in mods}
+
+
+def rank_for_energy(s: torch.Tensor, energy: float) -> int:
+    """Smallest r with Σ_{i<=r} σ_i² >= energy · Σ σ_i²."""
+    e = s.double().pow(2)
+    share = e.cumsum(0) / e.sum().clamp_min(1e-300)
+    return min(int(torch.searchsorted(share, torch.tensor([energy - 1e-12], dtype=share.dtype)).item()) + 1, len(s))
+
+
+def _wanted_rank(name: str, out_f: int, in_f: int, cfg: LowRankConfig, s: torch.Tensor | None) -> int:
+    if cfg.rank is not None:
+        return cfg.rank[name] if isinstance(cfg.rank, dict) else cfg.rank
+    if cfg.ratio is not None:
+        return max(1, math.floor(cfg.ratio * out_f * in_f / (out_f + in_f)))
+    return rank_for_energy(s, cfg.energy)
+
+
+def _split(m: nn.Module, r: int, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> nn.Sequential:
+    """The two thin layers holding B = U_r·√S_r and A = √S_r·V_rᵀ (bias on the second)."""
+    sq = s[:r].sqrt()
+    a = (sq[:, None] * vh[:r]).to(m.weight.dtype)
+    b = (u[:, :r] * sq[None, :]).to(m.weight.dtype)
+    dev, has_bias = m.weight.device, m.bias is not None
+    if isinstance(m, nn.Linear):
+        first, second = nn.Linear(m.in_features, r, bias=False), nn.Linear(r, m.out_features, bias=has_bias)
+    else:
+        conv = type(m)
+        first = conv(m.in_channels, r, m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation,
+                     bias=False, padding_mode=m.padding_mode)
+        second = conv(r, m.out_channels, 1, bias=has_bias)
+    with torch.no_grad():
+        first.weight.copy_(a.reshape(first.weight.shape))
+        second.weight.copy_(b.reshape(second.weight.shape))
+        if has_bias:
+            second.bias.copy_(m.bias)
+    return nn.Sequential(first, second).to(dev)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def factorize_layers(model: nn.Module, cfg: LowRankConfig, example_inputs: Any) -> list[dict[str, Any]]:
+    """Replace the chosen layers of model in place; return one record per considered layer.
+
+    Every rank is checked against its layer before any layer is changed.
+    """
+    mods = _candidates(model, cfg)
+    shapes = {n: (m.weight.shape[0], m.weight[0].numel()) for n, m in mods.items()}
+    if cfg.rank is not None:
+        for n, (o, i) in shapes.items():
+            r = _wanted_rank(n, o, i, cfg, None)
+            check(r <= min(o, i), "LowRankConfig.rank",
+                  f"rank {r} is larger than layer {n!r} allows (weight {o}x{i}: at most {min(o, i)})")
+    pos = _positions(model, mods, example_inputs)
+    records = []
+    for n, m in mods.items():
+        (o, i), p = shapes[n], pos[n]
+        # float32 SVD (LAPACK via torch): float64 is ~10x slower and gains nothing at this error
+        u, s, vh = torch.linalg.svd(m.weight.detach().reshape(o, i).float(), full_matrices=False)
+        r = min(_wanted_rank(n, o, i, cfg, s), len(s))
+        e = s.double().pow(2)
+        tail = e[r:].sum() / e.sum().clamp_min(1e-300)
+        rec = {"layer": n, "type": type(m).__name__, "weight": [o, i], "rank": r, "full_rank": len(s),
+               "macs_before": p * o * i, "macs_after": p * r * (o + i), "rel_fro_error": float(tail.sqrt())}
+        rec["applied"] = rec["macs_after"] <= (1 - cfg.min_mac_saving) * rec["macs_before"]
+        if rec["applied"]:
+            _set_module(model, n, _split(m, r, u, s, vh))
+        else:
+            rec["macs_after"] = rec["macs_before"]
+            rec["reason"] = f"r(in+out) = {r * (o + i)} saves < {cfg.min_mac_saving:.0%} of in*out = {o * i}"
+        records.append(rec)
+    return records
+
+
+@register_stage(LowRankConfig)
+def apply(model: nn.Module, cfg: LowRankConfig, task: Task) -> StageResult:
+    """Factorize model in place (MACs counted on one test sample) and fine-tune if asked."""
+    if not any(_factorizable(m) for m in model.modules()):
+        raise ConfigError("LowRankConfig: the model has no Linear or Conv (groups=1) layer to factorize")
+    before = task.evaluate(model)
+    records = factorize_layers(model, cfg, task.example_inputs(1))
+    info: dict[str, Any] = {"layers": records, "metric_before": before, "metric_factorized": task.evaluate(model)}
+    info["macs_before"] = sum(r["macs_before"] for r in records)
+    info["macs_after"] = sum(r["macs_after"] for r in records)
+    if cfg.finetune is not None and any(r["applied"] for r in records):
+        info["fit"] = fit(model, task, cfg.finetune, hooks=training_hooks(model)).to_dict()
+    info["metric_after"] = task.evaluate(model)
+    return StageResult(model=model, info=info)
