@@ -130,6 +130,7 @@ def run(quick: bool) -> dict:
     minilm = _minilm(quick)
     return {
         "speedup_vs_dense": res["speedup_vs_dense"], "accuracy_drop_pt": res["accuracy_drop_pt"],
+        "latency_threads": 1,
         "peer_accuracy_drop_pt": res["peer_accuracy_drop_pt"], "minilm_mean_cosine": minilm["mean_cosine"],
         "peers": {"torch_pruning": {
             "what": "rescnn1d width 64 on MNIST-1D, 50% MACs, same fine-tune budget",

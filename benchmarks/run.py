@@ -86,7 +86,9 @@ def table(mods: dict[str, object]) -> str:
         keys = getattr(mod, "HEADLINE", [k for k, v in data.items() if isinstance(v, (int, float))][:5])
         head = "; ".join(f"{k} = {fmt(data.get(k))}" for k in keys if k in data)
         m = data.get("machine", {})
-        where = f"{m.get('cpu', '?')}, {m.get('torch_threads', '?')} threads"
+        threads = next((data[k] for k in ("latency_threads", "threads", "torch_threads_used") if k in data),
+                       m.get("torch_threads", "?"))
+        where = f"{m.get('cpu', '?')}, {threads} torch thread{'s' if threads != 1 else ''}"
         title = getattr(mod, "TITLE", data.get("title", ""))
         quick = " (quick)" if data.get("quick") else ""
         rows.append(f"| {bid} | {title}{quick} | {head} | {where} | {m.get('date', '')[:10]} |")
