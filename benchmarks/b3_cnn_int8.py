@@ -1,0 +1,133 @@
+"""B3 (int8 part): static int8 PTQ of LeNet-300-100/digits and the residual CNN/MNIST-1D.
+
+Per model and seed: train fp32, quantize with ``QuantConfig(mode="static", backend=...)``
+(BatchNorm folded, activation ranges calibrated on 8 train batches, int8 per-channel weights),
+and report the test accuracy drop. Latency at batch 256, side by side (interleaved medians):
+PyTorch fp32 eager, ONNX Runtime fp32, ONNX Runtime int8 (QDQ, static), torchao int8
+(dynamic activations, Linear layers only). This benchmark later also gets structured pruning +
+int8 (the combined recipe); ``per_model`` keeps every figure.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+ID = "B3"
+TITLE = "int8 PTQ of LeNet-300-100/digits and ResCNN/MNIST-1D: accuracy drop and speedup at batch 256"
+HEADLINE = ["speedup_vs_torch_fp32", "accuracy_drop_pt"]
+BATCH = 256
+
+
+def _setups(quick: bool):
+    from torchslim.train import TrainConfig
+
+    return {
+        "lenet300_digits": {"task": ("digits", {}), "model": "lenet300",
+                            "train": TrainConfig(epochs=5 if quick else 40, lr=1e-3, device="cpu")},
+        "rescnn1d_mnist1d": {"task": ("mnist1d", {"num_samples": 6000 if quick else 25000}), "model": "rescnn1d",
+                             "train": TrainConfig(epochs=2 if quick else 6, lr=2e-3, device="cpu")},
+    }
+
+
+def _one_seed(name, setup, seed, timing):
+    import dataclasses
+
+    from torchslim.measure import compare_latency
+    from torchslim.quantize import ptq
+    from torchslim.quantize.backends import OrtModel, ort_fp32, saved_bytes
+    from torchslim.quantize.config import QuantConfig
+    from torchslim.train import fit
+    from torchslim.utils import seed_everything
+    from torchslim.zoo import build_model, build_task
+
+    seed_everything(seed)
+    task = build_task(setup["task"][0], seed=seed, **setup["task"][1])
+    model = build_model(setup["model"], task)
+    fit(model, task, dataclasses.replace(setup["train"], seed=seed))
+    model.eval()
+    fp32_acc = task.evaluate(model)
+    row = {"seed": seed, "fp32_acc": fp32_acc, "test_size": len(task.test.dataset)}
+    built = {}
+    for backend in ("onnxruntime", "torchao"):
+        start = time.perf_counter()
+        res = ptq.apply(model, QuantConfig(mode="static", calibration="percentile", backend=backend), task)
+        acc = task.evaluate(res.model)
+        built[backend] = res.model
+        row[backend] = {"acc": acc, "drop_pt": 100 * (fp32_acc - acc), "ptq_seconds": time.perf_counter() - start,
+                        "file_bytes": saved_bytes(res.model), "float_layers": res.info.get("float_layers"),
+                        "notes": res.info.get("notes")}
+    if timing:
+        x = task.example_inputs(BATCH)
+        f32 = ort_fp32(model, x)
+        cands = {"torch_fp32": model, "ort_fp32": f32, "ort_int8": built["onnxruntime"], "torchao_int8": built["torchao"]}
+        lat = compare_latency({k: (lambda m=m: m(x)) for k, m in cands.items()}, warmup=5, repeats=30)
+        ref = lat["torch_fp32"]["median_ms"]
+        row["latency_ms"] = {k: v["median_ms"] for k, v in lat.items()}
+        row["speedup_vs_torch_fp32"] = {k: ref / v["median_ms"] for k, v in lat.items()}
+        # one thread as well: an oversubscribed machine hurts torch's spinning OpenMP pool more
+        # than ONNX Runtime's, so the 1-thread ratio is the more conservative one
+        one = {k: (OrtModel(m.onnx_bytes, m.input_names, threads=1) if isinstance(m, OrtModel) else m) for k, m in cands.items()}
+        lat1 = compare_latency({k: (lambda m=m: m(x)) for k, m in one.items()}, warmup=3, repeats=20, threads=1)
+        row["latency_ms_1thread"] = {k: v["median_ms"] for k, v in lat1.items()}
+        row["speedup_vs_torch_fp32_1thread"] = {k: lat1["torch_fp32"]["median_ms"] / v["median_ms"] for k, v in lat1.items()}
+        from torchslim.measure import state_dict_bytes
+
+        row["fp32_state_dict_bytes"] = state_dict_bytes(model)
+    return row
+
+
+def run(quick: bool = False) -> dict:
+    import numpy as np
+    import torch
+
+    warnings.filterwarnings("ignore")
+    seeds = (0,) if quick else (0, 1)
+    per_model = {}
+    for name, setup in _setups(quick).items():
+        rows = [_one_seed(name, setup, s, timing=(s == seeds[0])) for s in seeds]
+        drops = {b: [r[b]["drop_pt"] for r in rows] for b in ("onnxruntime", "torchao")}
+        per_model[name] = {
+            "seeds": list(seeds),
+            "test_size": rows[0]["test_size"],
+            "fp32_acc": [r["fp32_acc"] for r in rows],
+            "ort_int8_drop_pt_mean": float(np.mean(drops["onnxruntime"])),
+            "ort_int8_drop_pt_spread": float(np.ptp(drops["onnxruntime"])),
+            "torchao_int8_drop_pt_mean": float(np.mean(drops["torchao"])),
+            "speedup_vs_torch_fp32": rows[0]["speedup_vs_torch_fp32"],
+            "latency_ms_batch256": rows[0]["latency_ms"],
+            "speedup_vs_torch_fp32_1thread": rows[0]["speedup_vs_torch_fp32_1thread"],
+            "ort_int8_file_vs_fp32": rows[0]["onnxruntime"]["file_bytes"] / rows[0]["fp32_state_dict_bytes"],
+            "per_seed": rows,
+        }
+    main = per_model["rescnn1d_mnist1d"]
+    best_rt = max(("ort_int8", "torchao_int8"), key=lambda k: main["speedup_vs_torch_fp32_1thread"][k])
+    two, one = main["speedup_vs_torch_fp32"][best_rt], main["speedup_vs_torch_fp32_1thread"][best_rt]
+    return {
+        # headline: the more conservative of the 2-thread and 1-thread ratios (torch's 2-thread
+        # pool suffers most from the oversubscribed shared machine, inflating the 2-thread one)
+        "speedup_vs_torch_fp32": min(two, one),
+        "accuracy_drop_pt": main["ort_int8_drop_pt_mean"] if best_rt == "ort_int8" else main["torchao_int8_drop_pt_mean"],
+        "speedup_vs_torch_fp32_2threads": two,
+        "headline_model": "rescnn1d_mnist1d",
+        "headline_runtime": best_rt,
+        "speedup_vs_torch_fp32_1thread": one,
+        "lenet_speedup_vs_torch_fp32": per_model["lenet300_digits"]["speedup_vs_torch_fp32"],
+        "per_model": per_model,
+        "batch_size": BATCH,
+        "threads": torch.get_num_threads(),
+        "targets": {"accuracy_drop_pt_static_int8": 0.5, "int8_speedup_min": 1.5, "combined_recipe_speedup": 4.0},
+        "notes": "2-core machine shared with other engineers' jobs: latencies are interleaved medians of 30 "
+                 "repeats (compare_latency), ratios only. Pruning + int8 (the >= 4x target) is the combined "
+                 "recipe's part, not measured here.",
+    }
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=2, default=str))

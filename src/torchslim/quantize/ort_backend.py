@@ -1,0 +1,382 @@
+"""ONNX Runtime int8: export, (optionally) fuse the graph, quantize with ORT's own tools, run.
+
+Nothing here quantizes by hand: ``onnxruntime.quantization.quantize_dynamic`` (weights int8 per
+tensor or per channel, activations quantized per batch at run time) and ``quantize_static``
+(QDQ format, activation ranges calibrated on the task's data with MinMax / Percentile /
+Entropy) do the work, and ``onnxruntime.transformers.optimizer`` fuses transformer blocks
+(Attention, SkipLayerNorm, BiasGelu) first, which also makes the fp32 graph faster.
+
+Layers a mixed-precision plan keeps in float are found in the graph by their weights (robust to
+how an exporter names nodes) and passed as ``nodes_to_exclude``. ``OrtModel`` wraps the result
+as an ``nn.Module`` so evaluate / measure treat it as any other model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import check
+from ..export.onnx import export_onnx, ort_session, temp_onnx_path, to_feed
+from ..task import Task
+from ..utils import atomic_write
+
+ORT_MODES = ("dynamic", "static")
+ORT_CALIBRATIONS = ("minmax", "percentile", "entropy")
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "Attention")
+
+
+@dataclass
+class OrtQuantConfig:
+    """How ONNX Runtime quantizes a graph.
+
+    mode: "dynamic" (quantize_dynamic) or "static" (quantize_static, QDQ, calibrated).
+    per_channel / reduce_range: weight scales per output channel; 7-bit weights (for CPUs
+        without VNNI, where 8-bit products can saturate).
+    calibration / percentile / calibration_batches: static activation ranges from the task's
+        train split (val if none).
+    optimize: fuse transformer blocks with onnxruntime.transformers first (needs num_heads and
+        hidden_size; read from a Hugging Face ``config`` when the model has one).
+    exclude_layers: torch layer names kept float; exclude_nodes: raw ONNX node names kept float.
+    op_types: ONNX op types to quantize (None = ORT's defaults, which include Gather, i.e. the
+        embedding table).
+    block_bits / block_size / block_int8_compute: MatMul weights in ``block_bits``-bit blocks of
+        ``block_size`` inputs (ORT MatMulNBits); with int8 compute (accuracy_level 4) activations
+        are quantized per block at run time, far finer than quantize_dynamic's one scale per
+        tensor; without it the weights are dequantized and the product is float (weight-only).
+        Other ops (Attention, embeddings, Conv) still go through quantize_dynamic.
+    """
+
+    mode: str = "dynamic"
+    per_channel: bool = True
+    reduce_range: bool = False
+    calibration: str = "minmax"
+    percentile: float = 99.999
+    calibration_batches: int = 8
+    optimize: bool = True
+    exclude_layers: tuple[str, ...] = ()
+    exclude_nodes: tuple[str, ...] = ()
+    op_types: tuple[str, ...] | None = None
+    block_bits: int | None = None
+    block_size: int = 32
+    block_int8_compute: bool = True
+
+    def __post_init__(self) -> None:
+        self.exclude_layers, self.exclude_nodes = tuple(self.exclude_layers), tuple(self.exclude_nodes)
+        check(self.mode in ORT_MODES, "OrtQuantConfig.mode", f"must be one of {ORT_MODES}, got {self.mode!r}")
+        check(self.calibration in ORT_CALIBRATIONS, "OrtQuantConfig.calibration",
+              f"must be one of {ORT_CALIBRATIONS} (ONNX Runtime's calibrators), got {self.calibration!r}")
+        check(50 < self.percentile <= 100, "OrtQuantConfig.percentile", f"must be in (50, 100], got {self.percentile!r}")
+        check(self.block_bits in (None, 4, 8), "OrtQuantConfig.block_bits", f"must be None, 4 or 8 (MatMulNBits), got {self.block_bits!r}")
+        check(self.block_size in (16, 32, 64, 128, 256), "OrtQuantConfig.block_size", f"must be 16, 32, 64, 128 or 256, got {self.block_size!r}")
+        check(self.block_bits is None or self.mode == "dynamic", "OrtQuantConfig.block_bits", "blockwise MatMul weights need mode='dynamic'")
+        check(self.calibration_batches >= 1, "OrtQuantConfig.calibration_batches", f"must be >= 1, got {self.calibration_batches!r}")
+
+
+class OrtModel(nn.Module):
+    """An ONNX graph run by ONNX Runtime behind ``nn.Module.forward`` (tensors in and out).
+
+    Holds the serialized graph (so the model can be saved, copied and pickled); the session is
+    built lazily per process. Parameters: none, so report bytes from ``file_bytes``.
+    """
+
+    def __init__(self, onnx_bytes: bytes, input_names: list[str], threads: int | None = None, info: dict | None = None):
+        super().__init__()
+        self.onnx_bytes, self.input_names, self.threads = onnx_bytes, list(input_names), threads
+        self.info = dict(info or {})
+        self._session = None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, threads: int | None = None) -> OrtModel:
+        data = Path(path).read_bytes()
+        names = [i.name for i in ort_session(data, 1).get_inputs()]
+        return cls(data, names, threads)
+
+    @property
+    def session(self):
+        if self._session is None:
+            self._session = ort_session(self.onnx_bytes, self.threads)
+        return self._session
+
+    @property
+    def file_bytes(self) -> int:
+        return len(self.onnx_bytes)
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        wanted = {i.name for i in self.session.get_inputs()}  # a fused graph may drop unused inputs
+        given = kwargs or dict(zip(self.input_names, args))
+        feed = {k: v.detach().cpu().numpy() for k, v in given.items() if k in wanted}
+        device = next(iter(given.values())).device
+        return torch.from_numpy(self.session.run(None, feed)[0]).to(device)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return atomic_write(path, lambda p: p.write_bytes(self.onnx_bytes))
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_session"] = None  # sessions do not pickle; rebuilt on first use
+        return state
+
+    def extra_repr(self) -> str:
+        return f"inputs={self.input_names}, bytes={self.file_bytes}"
+
+
+class TaskDataReader:
+    """ORT CalibrationDataReader over a task's batches (train split, else val)."""
+
+    def __init__(self, task: Task, n_batches: int, input_names: list[str]):
+        split = task.train if task.train is not None else task.val
+        check(split is not None, "OrtQuantConfig.mode", f"static calibration needs data but task {task.name!r} has no train or val split; use mode='dynamic'")
+        self.feeds = []
+        for i, (inputs, _) in enumerate(split):
+            if i >= n_batches:
+                break
+            feed = to_feed(inputs)
+            self.feeds.append({k: v for k, v in feed.items() if k in input_names})
+        self._it = iter(self.feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = iter(self.feeds)
+
+
+# ---------------------------------------------------------------------------- graph helpers
+def transformer_dims(model: nn.Module) -> tuple[int, int] | None:
+    """(num_heads, hidden_size) of a Hugging Face encoder inside model, else None."""
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "num_attention_heads") and hasattr(cfg, "hidden_size"):
+            return int(cfg.num_attention_heads), int(cfg.hidden_size)
+    return None
+
+
+def eager_attention(model: nn.Module) -> None:
+    """Switch HF attention to the 'eager' implementation (in place): its exported graph is the
+    pattern ORT's fusion recognises; SDPA exports to a graph ORT cannot fuse."""
+    for m in model.modules():
+        if hasattr(m, "set_attn_implementation") and getattr(getattr(m, "config", None), "_attn_implementation", "eager") != "eager":
+            m.set_attn_implementation("eager")
+
+
+def optimize_graph(path: Path, dims: tuple[int, int] | None, out: Path) -> dict[str, int]:
+    """Fuse transformer blocks with onnxruntime.transformers (no-op copy without dims)."""
+    if dims is None:
+        out.write_bytes(path.read_bytes())
+        return {}
+    from onnxruntime.transformers import optimizer
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    opt = optimizer.optimize_model(str(path), model_type="bert", num_heads=dims[0], hidden_size=dims[1])
+    opt.save_model_to_file(str(out))
+    return {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+
+
+def _initializers(graph) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    return {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+
+
+def _fingerprint(w: np.ndarray) -> tuple:
+    """Shape plus the exact first and last values (exporters copy weights bit for bit)."""
+    flat = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
+    return (w.shape, flat[:16].tobytes(), flat[-16:].tobytes())
+
+
+def layer_nodes(onnx_path: str | os.PathLike, model: nn.Module) -> dict[str, list[str]]:
+    """torch layer name -> ONNX node names that hold its weight (matched by values, so it works
+    whatever the exporter names nodes; fused Attention holds q, k and v together)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path)).graph
+    inits = _initializers(graph)
+    by_print: dict[tuple, list[str]] = {}
+    for node in graph.node:
+        if node.op_type not in WEIGHT_OPS:
+            continue
+        for name in node.input[1:2]:
+            w = inits.get(name)
+            if w is None or w.ndim < 2:
+                continue
+            cands = [w, w.T] if node.op_type in ("MatMul", "Gemm") else [w]
+            if node.op_type == "Attention":
+                cands = [c.T for c in np.split(w, 3, axis=1)]
+            for c in cands:
+                by_print.setdefault(_fingerprint(np.ascontiguousarray(c)), []).append(node.name)
+    found: dict[str, list[str]] = {}
+    for name, layer in weight_layers(model).items():
+        nodes = by_print.get(_fingerprint(layer.weight.detach().cpu().numpy()))
+        if nodes:
+            found[name] = sorted(set(nodes))
+    return found
+
+
+def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """name -> float Linear/Conv; a FakeQuantLayer counts under its own name (not '.layer')."""
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    out: dict[str, nn.Module] = {}
+    inner: set[int] = set()
+    for name, mod in model.named_modules():
+        if isinstance(getattr(mod, "layer", None), kinds) and hasattr(mod, "wq"):
+            out[name] = mod.layer
+            inner.add(id(mod.layer))
+        elif isinstance(mod, kinds) and id(mod) not in inner:
+            out[name] = mod
+    return out
+
+
+def act_overrides(model: nn.Module, mapping: dict[str, list[str]], graph) -> dict[str, list[dict]]:
+    """ORT TensorQuantOverrides that give each quantized layer's input the simulation's static
+    (scale, zero point), so ORT and the fake-quant model round activations identically."""
+    fq = {n: m for n, m in model.named_modules() if hasattr(m, "aq") and hasattr(m, "wq")}
+    inputs = {node.name: node.input[0] for node in graph.node if node.input}
+    out: dict[str, list[dict]] = {}
+    for name, nodes in mapping.items():
+        aq = getattr(fq.get(name), "aq", None)
+        if aq is None or aq.dynamic or aq.bits != 8 or aq.symmetric or not getattr(fq[name], "enabled", True):
+            continue
+        for node in nodes:
+            if node in inputs:
+                out[inputs[node]] = [{"scale": np.array(float(aq.scale), dtype=np.float32),
+                                      "zero_point": np.array(int(aq.zero_point), dtype=np.uint8)}]
+    return out
+
+
+# ---------------------------------------------------------------------------- the pipeline
+@dataclass
+class OrtResult:
+    model: OrtModel
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def export_fp32(model: nn.Module, example_inputs: Any, out: Path, optimize: bool = True) -> dict[str, Any]:
+    """Export model (fp32) to out, fused when it is a transformer; returns what was done."""
+    import copy
+
+    dims = transformer_dims(model) if optimize else None
+    m = model
+    if dims is not None:
+        m = copy.deepcopy(model)
+        eager_attention(m)
+    raw = temp_onnx_path()
+    try:
+        export_onnx(m, example_inputs, raw)
+        fused = optimize_graph(raw, dims, out)
+    finally:
+        raw.unlink(missing_ok=True)
+    return {"fused_ops": fused, "optimized": dims is not None}
+
+
+def quantize_onnx(fp32_path: Path, out: Path, cfg: OrtQuantConfig, model: nn.Module | None = None,
+                  task: Task | None = None) -> dict[str, Any]:
+    """Quantize the graph at fp32_path into out with ORT; returns excluded nodes etc."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.calibrate import CalibrationMethod
+
+    logging.getLogger().setLevel(logging.ERROR)  # ORT logs a "consider pre-processing" warning
+    mapping = layer_nodes(fp32_path, model) if model is not None else {}
+    missing = [n for n in cfg.exclude_layers if n not in mapping]
+    exclude = sorted({n for layer in cfg.exclude_layers for n in mapping.get(layer, [])} | set(cfg.exclude_nodes))
+    # quantize_dynamic first rewrites Gemm as MatMul + Add named "<gemm>_MatMul"; exclude that too
+    ort_exclude = exclude + [f"{n}_MatMul" for n in exclude]
+    extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}  # fused contrib ops defeat type inference
+    common = {"per_channel": cfg.per_channel, "reduce_range": cfg.reduce_range, "nodes_to_exclude": ort_exclude,
+              "op_types_to_quantize": list(cfg.op_types) if cfg.op_types else None}
+    if cfg.mode == "dynamic" and cfg.block_bits:
+        common["op_types_to_quantize"] = [t for t in (cfg.op_types or NON_MATMUL_OPS) if t != "MatMul"]
+        mid = out.with_name(out.stem + ".dyn.onnx")
+        try:
+            quantize_dynamic(str(fp32_path), str(mid), weight_type=QuantType.QInt8, extra_options=extra, **common)
+            _matmul_nbits(mid, out, cfg, ort_exclude)
+        finally:
+            mid.unlink(missing_ok=True)
+    elif cfg.mode == "dynamic":
+        quantize_dynamic(str(fp32_path), str(out), weight_type=QuantType.QInt8, extra_options=extra, **common)
+    else:
+        check(task is not None, "OrtQuantConfig.mode", "static quantization needs a task with calibration data")
+        names = [i.name for i in onnx.load(str(fp32_path)).graph.input]
+        reader = TaskDataReader(task, cfg.calibration_batches, names)
+        method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                  "entropy": CalibrationMethod.Entropy}[cfg.calibration]
+        if cfg.calibration == "percentile":
+            extra["CalibPercentile"] = cfg.percentile
+        overrides = act_overrides(model, mapping, onnx.load(str(fp32_path)).graph) if model is not None else {}
+        if overrides:
+            extra["TensorQuantOverrides"] = overrides
+        quantize_static(str(fp32_path), str(out), reader, quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=method, extra_options=extra, **common)
+    return {"excluded_nodes": exclude, "excluded_layers_not_found": missing, "matched_layers": len(mapping),
+            "quantized_nodes": _count_quantized(out),
+            "activation_ranges_from_simulation": len(extra.get("TensorQuantOverrides", {}))}
+
+
+NON_MATMUL_OPS = ("Attention", "EmbedLayerNormalization", "Gather", "Conv", "Gemm")
+
+
+def _matmul_nbits(src: Path, out: Path, cfg: OrtQuantConfig, exclude: list[str]) -> None:
+    """MatMul weights -> MatMulNBits blocks with ORT's own quantizer (symmetric per block)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=cfg.block_bits, block_size=cfg.block_size, is_symmetric=True,
+                             accuracy_level=4 if cfg.block_int8_compute else 0, nodes_to_exclude=exclude)
+    q.process()
+    q.model.save_model_to_file(str(out), use_external_data_format=False)
+
+
+def _count_quantized(path: Path) -> dict[str, int]:
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path)).graph.node:
+        if node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "QLinearMatMul", "QLinearConv",
+                            "ConvInteger", "DequantizeLinear", "QGemm", "QEmbedLayerNormalization", "MatMulNBits"):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def ort_quantize(model: nn.Module, example_inputs: Any, cfg: OrtQuantConfig | None = None,
+                 task: Task | None = None, threads: int | None = None) -> OrtResult:
+    """Export model, fuse, quantize with ORT; return it as an OrtModel plus what was done.
+
+    model may be a simulated (fake-quant) model: its float weights are exported and its static
+    activation ranges are handed to ORT."""
+    from .torchao_backend import defake
+
+    cfg = cfg or OrtQuantConfig()
+    fp32, q = temp_onnx_path(), temp_onnx_path()
+    try:
+        info = export_fp32(defake(model), example_inputs, fp32, cfg.optimize)
+        info["fp32_onnx_bytes"] = fp32.stat().st_size
+        info.update(quantize_onnx(fp32, q, cfg, model, task))
+        data = q.read_bytes()
+    finally:
+        fp32.unlink(missing_ok=True)
+        q.unlink(missing_ok=True)
+    names = list(example_inputs) if isinstance(example_inputs, Mapping) else ["input"]
+    info.update(backend="onnxruntime", mode=cfg.mode, per_channel=cfg.per_channel, onnx_bytes=len(data))
+    return OrtResult(OrtModel(data, names, threads, info), info)
+
+
+def ort_fp32(model: nn.Module, example_inputs: Any, optimize: bool = True, threads: int | None = None) -> OrtModel:
+    """The float model as an ONNX Runtime graph (the fair fp32 baseline for ORT int8)."""
+    out = temp_onnx_path()
+    try:
+        info = export_fp32(model, example_inputs, out, optimize)
+        data = out.read_bytes()
+    finally:
+        out.unlink(missing_ok=True)
+    names = list(example_inputs) if isinstance(example_inputs, Mapping) else ["input"]
+    return OrtModel(data, names, threads, info)
+

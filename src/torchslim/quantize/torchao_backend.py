@@ -1,0 +1,121 @@
+"""torchao inside PyTorch: ``quantize_`` with torchao's own configs, optionally torch.compile.
+
+Schemes that run on this CPU with torchao 0.18 (checked by tests/test_quant_backends.py):
+- ``int8_dynamic``: Int8DynamicActivationInt8WeightConfig (int8 weights per channel, activations
+  quantized per token at run time);
+- ``int8_weight_only``: Int8WeightOnlyConfig;
+- ``int4_weight_only``: IntxWeightOnlyConfig(int4, PerGroup) — on CPU torchao stores the int4
+  values unpacked in int8 (Int4WeightOnlyConfig needs the mslk/CUDA kernels), so the file is
+  int8-sized and the speed is not an int4 kernel's; this is said in the result's info.
+
+Only ``nn.Linear`` is handled by these configs; other weight layers (Conv) are named in
+``info["float_layers"]`` and stay float. Without torch.compile torchao's int8 path is often not
+faster than fp32 eager on CPU; measure both (``compile=True``).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import check
+
+TORCHAO_SCHEMES = ("int8_dynamic", "int8_weight_only", "int4_weight_only")
+
+
+@dataclass
+class TorchaoConfig:
+    """scheme: one of TORCHAO_SCHEMES; group_size: int4 group; compile: wrap in torch.compile;
+    skip: layer names kept float (a mixed-precision plan's float layers)."""
+
+    scheme: str = "int8_dynamic"
+    group_size: int = 32
+    compile: bool = False
+    skip: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.skip = tuple(self.skip)
+        check(self.scheme in TORCHAO_SCHEMES, "TorchaoConfig.scheme", f"must be one of {TORCHAO_SCHEMES}, got {self.scheme!r}")
+        check(self.group_size in (16, 32, 64, 128, 256), "TorchaoConfig.group_size", f"must be 16, 32, 64, 128 or 256, got {self.group_size!r}")
+
+
+def ao_config(cfg: TorchaoConfig) -> Any:
+    """The torchao config object for cfg.scheme."""
+    import torchao.quantization as tq
+
+    if cfg.scheme == "int8_dynamic":
+        return tq.Int8DynamicActivationInt8WeightConfig()
+    if cfg.scheme == "int8_weight_only":
+        return tq.Int8WeightOnlyConfig()
+    from torchao.quantization.granularity import PerGroup
+
+    return tq.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(cfg.group_size))
+
+
+class _DivideInput(nn.Module):
+    """x / divisor before a layer: keeps a SmoothQuant migration when leaving fake-quant."""
+
+    def __init__(self, divisor: torch.Tensor):
+        super().__init__()
+        self.register_buffer("divisor", divisor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.divisor
+
+
+def defake(model: nn.Module) -> nn.Module:
+    """Copy of model with every FakeQuantLayer replaced by its float layer (weights as the
+    simulation left them: BN folded, smoothed, bias corrected), ready for a real backend."""
+    from .fake import FakeQuantLayer
+
+    model = copy.deepcopy(model)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, FakeQuantLayer):
+            layer = m.layer
+            if m.input_divisor is not None:
+                div = m.input_divisor if isinstance(layer, nn.Linear) else m.input_divisor.reshape(-1, *([1] * (layer.weight.dim() - 2)))
+                layer = nn.Sequential(_DivideInput(div.detach().clone()), layer)
+            model.set_submodule(name, layer)
+    return model
+
+
+def torchao_quantize(model: nn.Module, cfg: TorchaoConfig | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """(quantized copy of model, info) with torchao's ``quantize_``; float layers are named."""
+    from torchao.quantization import quantize_
+
+    cfg = cfg or TorchaoConfig()
+    q = defake(model).eval()
+    # defake keeps names, except that a smoothed layer "a.b" becomes "a.b.1" (after its divide)
+    keep = set(cfg.skip) | {f"{n}.1" for n in cfg.skip}
+    quantized, float_layers = [], {}
+    for name, m in q.named_modules():
+        if isinstance(m, nn.Linear) and name not in keep:
+            quantized.append(name)
+        elif isinstance(m, nn.Linear):
+            float_layers[name] = "kept float by the plan"
+        elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)):
+            float_layers[name] = f"{type(m).__name__}: torchao {cfg.scheme} handles nn.Linear only"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_(q, ao_config(cfg), filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn not in keep)
+    info = {"backend": "torchao", "scheme": cfg.scheme, "quantized_layers": len(quantized),
+            "float_layers": float_layers, "compiled": cfg.compile}
+    if cfg.scheme == "int4_weight_only":
+        info["note"] = "int4 values stored unpacked in int8 on CPU (torchao IntxWeightOnly); no int4 kernel here"
+    if cfg.compile:
+        q = torch.compile(q)
+    return q, info
+
+
+def save_torchao(model: nn.Module, path: str) -> None:
+    """torch.save of the torchao state dict (int8 tensor subclasses keep their int8 storage)."""
+    from ..utils import atomic_write
+
+    inner = getattr(model, "_orig_mod", model)  # a torch.compile wrapper saves its module
+    atomic_write(path, lambda p: torch.save(inner.state_dict(), p))

@@ -1,0 +1,205 @@
+"""Real int8 backends (ONNX Runtime, torchao): they run, agree with the simulation / fp32 within
+stated bounds, keep plan layers float, and their files are really ~4x smaller."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from torchslim.errors import ConfigError
+from torchslim.quantize import ptq
+from torchslim.quantize.backends import (
+    OrtModel,
+    OrtQuantConfig,
+    TorchaoConfig,
+    ort_fp32,
+    ort_quantize,
+    saved_bytes,
+    torchao_quantize,
+)
+from torchslim.quantize.config import BACKENDS, QuantConfig
+from torchslim.quantize.mixed import LayerChoice
+from torchslim.quantize.ort_backend import layer_nodes
+from torchslim.task import Task
+from torchslim.train import TrainConfig, fit
+from torchslim.zoo import build_model, build_task
+
+warnings.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    task = build_task("digits")
+    torch.manual_seed(0)
+    model = build_model("lenet300", task)
+    fit(model, task, TrainConfig(epochs=1, max_steps=60, lr=3e-3, seed=0, device="cpu"))
+    return model.eval(), task
+
+
+def _logits(model, task):
+    return task.outputs_and_targets(model, "test")[0]
+
+
+def _fp32_bytes(model) -> int:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return len(buf.getvalue())
+
+
+def test_backends_registered():
+    assert {"onnxruntime", "torchao", "auto"} <= set(BACKENDS)
+
+
+def test_ort_dynamic_agrees_with_simulation(digits):
+    model, task = digits
+    res = ptq.apply(model, QuantConfig(mode="dynamic", granularity="per_channel", backend="onnxruntime"), task)
+    assert isinstance(res.model, OrtModel)
+    assert res.info["quantized_nodes"].get("MatMulInteger", 0) + res.info["quantized_nodes"].get("DynamicQuantizeMatMul", 0) == 3
+    sim, _ = ptq.simulate(model, QuantConfig(mode="dynamic", granularity="per_channel"), task)
+    real, ref = _logits(res.model, task), _logits(sim, task)
+    # same scheme (uint8 per-tensor dynamic activations, int8 per-channel weights): differences
+    # are a few rounding ties; bound: 2% of the logit range
+    assert (real - ref).abs().max() <= 0.02 * ref.abs().max()
+    assert (real.argmax(1) == ref.argmax(1)).float().mean() >= 0.99
+
+
+def test_ort_static_uses_simulated_ranges(digits):
+    model, task = digits
+    fp32_acc = task.evaluate(model)
+    res = ptq.apply(model, QuantConfig(mode="static", calibration="minmax", backend="onnxruntime"), task)
+    assert res.info["activation_ranges_from_simulation"] == 3  # every Linear input range handed over
+    sim, _ = ptq.simulate(model, QuantConfig(mode="static", calibration="minmax"), task)
+    real, ref = _logits(res.model, task), _logits(sim, task)
+    # ORT also rounds every Gemm/Relu output with its own calibrated QDQ (the simulation only
+    # rounds layer inputs), so bound the mean gap at 1% and the worst at 10% of the logit range
+    gap = (real - ref).abs()
+    assert gap.mean() <= 0.01 * ref.abs().max() and gap.max() <= 0.10 * ref.abs().max()
+    assert (real.argmax(1) == ref.argmax(1)).float().mean() >= 0.97
+    assert task.evaluate(res.model) >= fp32_acc - 0.02  # 360 test digits: <= 2 pt (7 images)
+
+
+def test_plan_float_layer_is_excluded(digits):
+    model, task = digits
+    first = next(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    cfg = OrtQuantConfig(mode="dynamic", exclude_layers=(first,))
+    res = ort_quantize(model, task.example_inputs(), cfg, task)
+    assert len(res.info["excluded_nodes"]) == 1 and res.info["excluded_layers_not_found"] == []
+    assert sum(res.info["quantized_nodes"].values()) == 2  # 3 Linear, 1 kept float
+
+
+def test_layer_nodes_matches_every_linear(digits, tmp_path):
+    from torchslim.export.onnx import export_onnx
+
+    model, task = digits
+    path = export_onnx(model, task.example_inputs(4), tmp_path / "m.onnx")
+    found = layer_nodes(path, model)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert sorted(found) == sorted(linears)
+
+
+def test_ort_file_is_small_and_model_portable(digits, tmp_path):
+    model, task = digits
+    res = ort_quantize(model, task.example_inputs(), OrtQuantConfig(mode="dynamic"), task)
+    assert res.model.file_bytes <= 0.30 * _fp32_bytes(model)
+    f32 = ort_fp32(model, task.example_inputs())
+    assert f32.file_bytes > 3 * res.model.file_bytes
+    clone = pickle.loads(pickle.dumps(res.model))  # sessions are rebuilt after pickling / copying
+    x = task.example_inputs(16)
+    assert torch.equal(clone(x), res.model(x)) and torch.equal(copy.deepcopy(res.model)(x), res.model(x))
+    res.model.save(tmp_path / "q.onnx")
+    assert torch.equal(OrtModel.from_file(tmp_path / "q.onnx")(x), res.model(x))
+
+
+def test_torchao_int8_agrees_with_fp32_and_is_small(digits):
+    model, task = digits
+    q, info = torchao_quantize(model, TorchaoConfig(scheme="int8_dynamic"))
+    assert info["quantized_layers"] == 3 and info["float_layers"] == {}
+    real, ref = _logits(q, task), _logits(model, task)
+    assert (real - ref).abs().max() <= 0.05 * ref.abs().max()  # int8 weights + per-token int8 activations
+    assert (real.argmax(1) == ref.argmax(1)).float().mean() >= 0.98
+    assert saved_bytes(q) <= 0.30 * _fp32_bytes(model)
+
+
+def test_torchao_names_conv_layers_left_float():
+    torch.manual_seed(0)
+    model = build_model("rescnn1d", in_shape=(40,), num_classes=10, width=8, blocks=1).eval()
+    q, info = torchao_quantize(model, TorchaoConfig(scheme="int8_weight_only", skip=()))
+    assert "stem.0" in info["float_layers"] and "Conv1d" in info["float_layers"]["stem.0"]
+    assert info["quantized_layers"] == 1  # only the final Linear
+    x = torch.randn(4, 40)
+    assert torch.allclose(q(x), model(x), atol=0.05 * model(x).abs().max().item())
+
+
+def test_torchao_skip_keeps_layer_float(digits):
+    model, _ = digits
+    name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    q, info = torchao_quantize(model, TorchaoConfig(scheme="int8_weight_only", skip=(name,)))
+    assert info["float_layers"] == {name: "kept float by the plan"}
+    assert type(q.get_submodule(name).weight) is nn.Parameter or q.get_submodule(name).weight.dtype == torch.float32
+
+
+def test_auto_records_choice(digits):
+    model, task = digits
+    res = ptq.apply(model, QuantConfig(mode="dynamic", backend="auto"), task)
+    auto = res.info["auto"]
+    assert auto["chosen"] in ("onnxruntime", "torchao") and set(auto["median_ms"]) >= {"fp32_eager", auto["chosen"]}
+    assert res.save is not None
+
+
+def test_bad_configs_fail_fast():
+    with pytest.raises(ConfigError, match="OrtQuantConfig.calibration"):
+        OrtQuantConfig(calibration="mse")
+    with pytest.raises(ConfigError, match="TorchaoConfig.scheme"):
+        TorchaoConfig(scheme="int3")
+    from torchslim.quantize.convert import torchao_config_from
+
+    with pytest.raises(ConfigError, match="QuantConfig.bits"):
+        torchao_config_from(QuantConfig(bits=4, mode="dynamic"), [LayerChoice("x", 4)])
+
+
+def test_static_without_data_is_refused(digits):
+    model, task = digits
+    no_data = Task(name="nodata", test=task.test)
+    with pytest.raises(ConfigError, match="no train or val split"):
+        ort_quantize(model, task.example_inputs(), OrtQuantConfig(mode="static"), no_data)
+
+
+class _TokenMLP(nn.Module):
+    """Linear layers on (batch, tokens, features): exported as MatMul, the op MatMulNBits takes."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(64, 128), nn.Linear(128, 32)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+@pytest.mark.parametrize("bits,bound", [(8, 0.02), (4, 0.15)])
+def test_blockwise_matmul_nbits(bits, bound):
+    torch.manual_seed(0)
+    model = _TokenMLP().eval()
+    x = torch.randn(3, 7, 64)
+    res = ort_quantize(model, x, OrtQuantConfig(mode="dynamic", block_bits=bits, block_size=32))
+    assert res.info["quantized_nodes"].get("MatMulNBits") == 2
+    out, ref = res.model(x), model(x)
+    # relative error of the whole output: 8-bit blocks of 32 with per-block int8 activations
+    # stay within 2%; 4-bit weights (15 levels per block) within 15%
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel <= bound
+    assert res.model.file_bytes < (0.4 if bits == 8 else 0.3) * _fp32_bytes(model)
+
+
+def test_per_group_config_maps_to_blocks():
+    from torchslim.quantize.convert import ort_config_from
+
+    ocfg, _ = ort_config_from(QuantConfig(mode="dynamic", granularity="per_group", group_size=32), [])
+    assert (ocfg.block_bits, ocfg.block_size, ocfg.block_int8_compute) == (8, 32, True)
+    ocfg, _ = ort_config_from(QuantConfig(bits=4, mode="weights_only", granularity="per_group", group_size=64), [])
+    assert (ocfg.block_bits, ocfg.block_size, ocfg.block_int8_compute) == (4, 64, False)
