@@ -17,6 +17,10 @@ class WeightsError(TorchslimError):
     """A weights file is missing, unsafe (pickled code) or does not match the model."""
 
 
+class ExportError(TorchslimError):
+    """The model cannot be exported to ONNX (the message names the unsupported op)."""
+
+
 def check(condition: bool, field: str, message: str) -> None:
     """Raise ConfigError('field: message') unless condition holds."""
     if not condition:

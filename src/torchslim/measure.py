@@ -288,6 +288,10 @@ def measure(
             rec.metric = metrics.pop(task.metric_name)
             rec.extra_metrics = metrics
         rec.params, rec.nonzeros = count_params(model), count_nonzeros(model)
+        info = getattr(model, "info", None)
+        if rec.params == 0 and isinstance(info, dict) and info.get("float_params"):
+            rec.params, rec.nonzeros = info["float_params"], info.get("float_nonzeros", info["float_params"])
+            rec.notes.append("params/nonzeros of the float model this runtime graph was built from")
         if saved_path is not None:
             rec.bytes = file_bytes(saved_path)
             rec.bytes_format = bytes_format or f"file {os.path.basename(saved_path)}"
@@ -300,6 +304,10 @@ def measure(
         rec.batch_size = batch_size_of(inputs)
         rec.macs_per_batch, notes = count_macs_detail(model, inputs)
         rec.macs_per_sample = rec.macs_per_batch / rec.batch_size
+        recorded = info.get("float_macs_per_sample") if isinstance(info, dict) else None
+        if not rec.macs_per_batch and recorded:
+            rec.macs_per_sample, rec.macs_per_batch = recorded, int(recorded * rec.batch_size)
+            notes = [*notes, "MACs of the float model this runtime graph was built from"]
         rec.notes += notes
         if cfg.memory:
             with torch_threads(cfg.threads):

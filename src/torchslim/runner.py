@@ -130,7 +130,12 @@ def _export(model, task, recipe: Recipe, out_dir: Path, log: Progress) -> dict[s
         elif kind == "onnx":
             from .export.onnx import export_onnx
 
-            done[kind] = str(export_onnx(model, task.example_inputs(8), out_dir / "model.onnx"))
+            path = out_dir / "model.onnx"
+            onnx_bytes = getattr(model, "onnx_bytes", None)  # already a runtime graph (int8 ORT)
+            if onnx_bytes is not None:
+                done[kind] = str(atomic_write(path, lambda p: p.write_bytes(onnx_bytes)))
+            else:
+                done[kind] = str(export_onnx(model, task.example_inputs(8), path))
         elif kind == "archive":
             from .export.archive import save_archive
 

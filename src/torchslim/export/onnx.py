@@ -25,15 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import TorchslimError, check
+from ..errors import ExportError, check
 from ..task import as_tensor
 from ..utils import atomic_write
 
 EXPORTERS = ("torchscript", "dynamo", "auto")
 
-
-class ExportError(TorchslimError):
-    """The model cannot be exported to ONNX (the message names the unsupported op)."""
 
 
 @dataclass

@@ -90,6 +90,19 @@ def _agreement(real: nn.Module, reference: nn.Module, inputs: Any) -> float:
     return float((a - b).abs().max())
 
 
+def _with_float_macs(real: nn.Module, float_model: nn.Module, task: Task) -> None:
+    """ONNX Runtime graphs hide their ops and weights from torch's counters: record the float
+    model's MACs, parameters and non-zeros on the runtime model so ``measure`` can report them
+    (stated as such in the record's notes)."""
+    from ..measure import count_macs, count_nonzeros, count_params
+
+    inputs = task.example_inputs()
+    if isinstance(getattr(real, "info", None), dict):
+        real.info["float_macs_per_sample"] = count_macs(float_model, inputs) / _batch(inputs)
+        real.info["float_params"] = count_params(float_model)
+        real.info["float_nonzeros"] = count_nonzeros(float_model)
+
+
 def to_onnxruntime(model: nn.Module, plan: list[Any], cfg: Any, task: Task) -> StageResult:
     ocfg, notes = ort_config_from(cfg, plan)
     res = ort_quantize(model, task.example_inputs(), ocfg, task)
@@ -97,6 +110,7 @@ def to_onnxruntime(model: nn.Module, plan: list[Any], cfg: Any, task: Task) -> S
         notes.append("no MatMul node took MatMulNBits (Gemm/Conv layers use quantize_dynamic per channel)")
     info = {**res.info, "notes": notes, "file_bytes": res.model.file_bytes, "file_format": "onnx"}
     info["max_abs_diff_vs_simulated"] = _agreement(res.model, model, task.example_inputs())
+    _with_float_macs(res.model, model, task)
     return StageResult(res.model, info, save=save)
 
 
