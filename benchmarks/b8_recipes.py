@@ -13,7 +13,7 @@ HEADLINE = ["recipes", "all_ran"]
 
 def _summary(run: dict) -> dict:
     base, final = run["rows"][0], run["rows"][-1]
-    lat = lambda r: next(iter(r.get("latency", {}).values()), {}).get("median_ms")  # noqa: E731
+    lat = lambda r: next(iter(r.get("latency", {}).values()), {}).get("median_ms")
     return {
         "stages": [r["stage"] for r in run["rows"]],
         "metric_name": base["metric_name"],

@@ -125,7 +125,7 @@ def malformed(draw):
 @settings(max_examples=520, deadline=None, suppress_health_check=list(HealthCheck))
 @given(recipe=malformed())
 def test_fuzz_malformed_recipes_exit_2_with_one_line(recipe, tmp_path_factory, monkeypatch, capsys):
-    import torchslim.runner as runner
+    from torchslim import runner
 
     def must_not_run(*a, **k):
         raise AssertionError(f"malformed recipe was accepted: {recipe!r}")

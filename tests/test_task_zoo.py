@@ -16,7 +16,7 @@ def test_digits_split_is_fixed_stratified_and_disjoint():
     assert sizes == {"train": 1077, "val": 360, "test": 360}  # 1797 images, 60/20/20
     counts = np.bincount(torch.cat([y for _, y in a.test]).numpy(), minlength=10)
     assert counts.min() >= 35 and counts.max() <= 37  # stratified: ~36 per class
-    rows = lambda s: {tuple(r.tolist()) for x, _ in a.split(s) for r in x}  # noqa: E731
+    rows = lambda s: {tuple(r.tolist()) for x, _ in a.split(s) for r in x}
     assert not rows("train") & rows("test")
 
 

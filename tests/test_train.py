@@ -101,7 +101,7 @@ def test_l1_training_drives_weights_towards_zero(digits):
     sparse.load_state_dict(plain.state_dict())
     fit(plain, digits, TrainConfig(epochs=3, device="cpu"))
     fit(sparse, digits, TrainConfig(epochs=3, l1=1e-4, device="cpu"))
-    small = lambda m: sum((p.abs() < 1e-3).sum().item() for p in m.parameters() if p.dim() > 1)  # noqa: E731
+    small = lambda m: sum((p.abs() < 1e-3).sum().item() for p in m.parameters() if p.dim() > 1)
     assert small(sparse) > 2 * small(plain)
 
 

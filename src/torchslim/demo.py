@@ -23,7 +23,7 @@ from .utils import console, seed_everything
 from .zoo import build_model, build_task
 
 # Chosen by a sweep over optimizers/schedules on the val split (see README "Demo").
-BASELINE_TRAIN = dict(epochs=60, lr=1e-3, optimizer="Adam", scheduler="CosineAnnealingLR")
+BASELINE_TRAIN = {"epochs": 60, "lr": 1e-3, "optimizer": "Adam", "scheduler": "CosineAnnealingLR"}
 TASK_KWARGS = {"batch_size": 32}
 
 
@@ -71,8 +71,8 @@ def trained_baseline(seed: int, cache_dir: str | None, retrain: bool, con) -> Pa
             load_weights(build_model("lenet300", task), path)
             con.print(f"baseline: loaded from cache {path}", markup=False)
             return path
-        except Exception:  # noqa: BLE001 - a damaged cache entry is simply retrained
-            pass
+        except Exception as exc:  # noqa: BLE001 - a damaged cache entry is simply retrained
+            con.print(f"baseline: cache entry unusable ({type(exc).__name__}); retraining", markup=False)
     con.print(f"baseline: training LeNet-300-100 on digits ({cfg.epochs} epochs, {cfg.optimizer}, {cfg.scheduler})")
     seed_everything(seed)
     model = build_model("lenet300", task)

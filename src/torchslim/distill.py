@@ -27,7 +27,7 @@ from torch import nn
 
 from .errors import ConfigError, check
 from .stage import StageResult, register_stage, training_hooks
-from .task import Task, as_tensor, resize_batch, call_model, load_callable
+from .task import Task, as_tensor, call_model, load_callable, resize_batch
 from .train import TrainConfig, fit
 from .utils import batch_size_of, default_device, to_device
 

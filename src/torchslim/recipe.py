@@ -58,8 +58,8 @@ class MeasureSpec(_Strict):
 class RecipeSpec(_Strict):
     """The raw recipe as written (stages still as mappings)."""
 
-    task: Union[str, TaskSpec]
-    model: Union[str, ModelSpec]
+    task: str | TaskSpec
+    model: str | ModelSpec
     seed: int = 0
     train: dict[str, Any] | None = None
     stages: list[dict[str, Any]] = []

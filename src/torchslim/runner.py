@@ -133,7 +133,7 @@ def _export(model, task, recipe: Recipe, out_dir: Path, log: Progress) -> dict[s
             path = out_dir / "model.onnx"
             onnx_bytes = getattr(model, "onnx_bytes", None)  # already a runtime graph (int8 ORT)
             if onnx_bytes is not None:
-                done[kind] = str(atomic_write(path, lambda p: p.write_bytes(onnx_bytes)))
+                done[kind] = str(atomic_write(path, lambda p, b=onnx_bytes: p.write_bytes(b)))
             else:
                 done[kind] = str(export_onnx(model, task.example_inputs(8), path))
         elif kind == "archive":

@@ -8,7 +8,15 @@ physical removal (channels/neurons, transformer heads and FFN neurons, whole lay
 
 from ..stage import StageResult, apply_stage, make_callable_module, register_training_hooks
 from . import nm, unstructured
-from .importance import CRITERIA, accumulate_grads, bn_scale, group_norm, layer_importance, register_criterion, score_params
+from .importance import (
+    CRITERIA,
+    accumulate_grads,
+    bn_scale,
+    group_norm,
+    layer_importance,
+    register_criterion,
+    score_params,
+)
 from .layers import Bypass, LayerDropConfig, drop_layers
 from .masks import MaskKeeper, apply_masks, attach_masks, masks_for_sparsity, masks_of, remove
 from .nm import NMConfig, check_nm, nm_mask, prune_nm
@@ -18,7 +26,6 @@ from .sensitivity import allocate, sensitivity
 from .structured import StructuredPruneConfig, prune_structured
 from .transformer import TransformerPruneConfig, prune_transformer
 from .unstructured import PruneConfig, prune_model, select_layers, weight_sparsity
-
 
 
 @register_training_hooks
