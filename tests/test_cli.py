@@ -69,3 +69,18 @@ def test_model_output_that_does_not_fit_the_task(tmp_path, capsys, monkeypatch):
     code, _, err = _run(["measure", "--task", "digits", "--model", "five_class:make"], capsys)
     assert code == 2 and "outputs 5 values per sample, the task has 10 classes" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_inspect_lists_tensors_of_archive_and_state_dict(tmp_path, capsys):
+    from torchslim.export.archive import save_archive
+
+    model = build_model("lenet300")
+    save_weights(model, tmp_path / "w.safetensors")
+    save_archive(model, str(tmp_path / "m.tsla"))
+    for name in ("w.safetensors", "m.tsla"):
+        code, out, err = _run(["inspect", str(tmp_path / name)], capsys)
+        assert code == 0, err
+        assert "net.1.weight" in out and "net.5.bias" in out
+    (tmp_path / "x.bin").write_bytes(b"????")
+    code, _, err = _run(["inspect", str(tmp_path / "x.bin")], capsys)
+    assert code == 2 and "unknown file type" in err
