@@ -26,7 +26,7 @@ RUN = {
         _row("baseline", 0.97, 200, 1.0),
         _row("prune", 0.965, 40, 0.9, {"layers": [{"layer": "net.1", "sparsity": 0.9}, {"layer": "net.3", "sparsity": 0.95}],
                                       "sensitivity": [{"layer": "net.1", "sparsity": s, "metric": 0.97 - s / 10} for s in (0.5, 0.9)]}),
-        _row("share", 0.96, 5, 0.9),
+        _row("share", 0.96, 5, 0.9, {"layers": {"net.1": {"bits": 4}, "net.3": {"bits": 3}}}),
         _row("bad", 0.90, 60, 2.0),
     ],
 }
@@ -38,6 +38,7 @@ def test_pareto_front_is_the_non_dominated_points():
     assert [p["name"] for p in pareto(pts, "ms")] == ["prune", "baseline"]
     series = layer_series(RUN)
     assert series[0]["layers"] == ["net.1", "net.3"] and series[0]["values"] == [0.9, 0.95]
+    assert series[1]["key"] == "bits" and series[1]["values"] == [4.0, 3.0]
 
 
 @pytest.fixture()
@@ -50,7 +51,7 @@ def test_report_is_self_contained_and_states_the_machine(report):
     html = report.read_text()
     assert "Test CPU 9000 with 2 torch threads" in html
     assert "<script src=" not in html and "plotly" in html  # plotly.js is inline, nothing fetched
-    assert html.count("data-plot=") == 4  # two Pareto plots, per-layer bars, sensitivity
+    assert html.count("data-plot=") == 5  # two Pareto plots, sparsity and bit-width bars, sensitivity
     assert (report.parent / "pareto.png").stat().st_size > 10_000
 
 
@@ -64,7 +65,7 @@ def test_report_renders_in_headless_chromium_without_console_errors(report, tmp_
     assert dom.returncode == 0, dom.stderr[-2000:]
     console_lines = [ln for ln in dom.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
     assert not [ln for ln in console_lines if "rror" in ln or "Uncaught" in ln], console_lines
-    assert dom.stdout.count('class="main-svg"') >= 4, "plotly did not draw the plots"
+    assert dom.stdout.count('class="main-svg"') >= 5, "plotly did not draw the plots"
     shot = tmp_path / "shot.png"
     subprocess.run([CHROMIUM, *FLAGS, *profile, "--virtual-time-budget=5000", "--window-size=1200,1600",
                     f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)

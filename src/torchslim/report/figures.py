@@ -37,6 +37,8 @@ def layer_series(run: dict[str, Any]) -> list[dict[str, Any]]:
     series = []
     for row in run.get("rows", []):
         for key, value in (row.get("info") or {}).items():
+            if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+                value = [{"layer": name, **v} for name, v in value.items()]  # {layer: {...}} form
             if key == "sensitivity" or not (isinstance(value, list) and value and all(isinstance(v, dict) for v in value)):
                 continue
             name_key = next((k for k in ("layer", "name", "module") if k in value[0]), None)
