@@ -121,10 +121,118 @@ def run(quick: bool = False) -> dict:
         "batch_size": BATCH,
         "threads": torch.get_num_threads(),
         "targets": {"accuracy_drop_pt_static_int8": 0.5, "int8_speedup_min": 1.5, "combined_recipe_speedup": 4.0},
+        "qat_vs_ptq_4bit": run_qat_vs_ptq_4bit(quick),
         "notes": "2-core machine shared with other engineers' jobs: latencies are interleaved medians of 30 "
                  "repeats (compare_latency), ratios only. Pruning + int8 (the >= 4x target) is the combined "
                  "recipe's part, not measured here.",
     }
+
+
+# --- QAT vs PTQ at 4-bit weights (issue 4: "QAT at 4-bit weights loses less than PTQ at 4-bit") ---
+# Both use the same scheme: W4 symmetric (per-tensor = the hardest honest setting, and
+# per-channel), 8-bit static activations calibrated the same way, simulated (fake-quant).
+# QAT = that PTQ model fine-tuned with ``qat_epochs`` (STE; and LSQ learnable scales).
+# Control: the fp32 model fine-tuned with the very same TrainConfig, so that a QAT "gain" that
+# is only extra training shows up as such (``qat_drop_vs_fp32_finetuned_pt``).
+QAT_SEEDS = (0, 1, 2)
+QAT_EPOCHS, QAT_LR = 2, 3e-4
+QAT_VARIANTS = {"qat_ste": False, "qat_lsq": True}  # name -> learnable_scales
+
+
+def _qat_setups(quick: bool):
+    from torchslim.train import TrainConfig
+
+    return {
+        "lenet300_digits": {"task": ("digits", {}), "model": "lenet300",
+                            "train": TrainConfig(epochs=5 if quick else 40, lr=1e-3, device="cpu")},
+        "rescnn1d_mnist1d": {"task": ("mnist1d", {"num_samples": 4000 if quick else 20000}), "model": "rescnn1d",
+                             "train": TrainConfig(epochs=1 if quick else 6, lr=2e-3, scheduler="CosineAnnealingLR", device="cpu")},
+    }
+
+
+def _qat_one_seed(setup, seed, quick):
+    import copy
+    import dataclasses
+
+    from torchslim.quantize import ptq, qat
+    from torchslim.quantize.config import QuantConfig
+    from torchslim.train import fit
+    from torchslim.utils import seed_everything
+    from torchslim.zoo import build_model, build_task
+
+    seed_everything(seed)
+    task = build_task(setup["task"][0], seed=seed, **setup["task"][1])
+    model = build_model(setup["model"], task)
+    fit(model, task, dataclasses.replace(setup["train"], seed=seed))
+    fp32 = task.evaluate(model.eval())
+    budget = {"qat_epochs": QAT_EPOCHS, "qat_lr": QAT_LR, "qat_steps": 3 if quick else None}
+    control = copy.deepcopy(model)  # fp32 + the same fine-tuning budget as QAT
+    fit(control, task, qat.qat_train_config(QuantConfig(**budget, seed=seed)))
+    row = {"seed": seed, "test_size": len(task.test.dataset), "fp32_acc": fp32,
+           "fp32_finetuned_acc": task.evaluate(control.eval())}
+    for gran in ("per_tensor", "per_channel"):
+        base = QuantConfig(bits=4, act_bits=8, weight_scheme="symmetric", granularity=gran, mode="static",
+                           calibration="percentile", backend="simulate", seed=seed)
+        accs = {"ptq": task.evaluate(ptq.apply(model, base, task).model)}
+        for name, learnable in QAT_VARIANTS.items():
+            cfg = dataclasses.replace(base, **budget, learnable_scales=learnable)
+            accs[name] = task.evaluate(ptq.apply(model, cfg, task).model)
+        row[gran] = {k: {"acc": a, "drop_pt": 100 * (fp32 - a), "drop_vs_fp32_finetuned_pt": 100 * (row["fp32_finetuned_acc"] - a)}
+                     for k, a in accs.items()}
+    return row
+
+
+def _qat_summary(rows):
+    import numpy as np
+
+    def stats(vals):
+        return {"mean": float(np.mean(vals)), "spread": float(np.ptp(vals)), "min": float(np.min(vals)), "max": float(np.max(vals))}
+
+    out = {}
+    for gran in ("per_tensor", "per_channel"):
+        ptq_drop = [r[gran]["ptq"]["drop_pt"] for r in rows]
+        g = {"ptq_drop_pt": stats(ptq_drop)}
+        for name in QAT_VARIANTS:
+            qat_drop = [r[gran][name]["drop_pt"] for r in rows]
+            gain = [p - q for p, q in zip(ptq_drop, qat_drop)]  # paired per seed: > 0 = QAT lost less
+            g[name] = {"drop_pt": stats(qat_drop), "gain_over_ptq_pt": stats(gain),
+                       "drop_vs_fp32_finetuned_pt": stats([r[gran][name]["drop_vs_fp32_finetuned_pt"] for r in rows]),
+                       "qat_less_loss_mean": bool(np.mean(gain) > 0), "qat_less_or_equal_every_seed": bool(min(gain) >= 0)}
+        out[gran] = g
+    return out
+
+
+def run_qat_vs_ptq_4bit(quick: bool = False) -> dict:
+    """QAT vs PTQ at W4/A8 static, per model, over seeds (one thread: others time latency)."""
+    import time
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seeds = QAT_SEEDS[:1] if quick else QAT_SEEDS
+        per_model = {}
+        for name, setup in _qat_setups(quick).items():
+            start = time.perf_counter()
+            rows = [_qat_one_seed(setup, s, quick) for s in seeds]
+            per_model[name] = {"seeds": list(seeds), "test_size": rows[0]["test_size"],
+                               "fp32_acc": [r["fp32_acc"] for r in rows],
+                               "fp32_finetuned_acc": [r["fp32_finetuned_acc"] for r in rows],
+                               **_qat_summary(rows), "seconds": time.perf_counter() - start, "per_seed": rows}
+    finally:
+        torch.set_num_threads(threads)
+    holds = {m: {g: {v: per_model[m][g][v]["qat_less_loss_mean"] for v in QAT_VARIANTS} for g in ("per_tensor", "per_channel")}
+             for m in per_model}
+    return {"scheme": "W4 symmetric weights (per_tensor / per_channel), A8 asymmetric static (percentile 99.99, "
+                      "8 calibration batches), BatchNorm folded, simulated",
+            "qat_budget": {"epochs": QAT_EPOCHS, "lr": QAT_LR, "optimizer": "Adam", "variants": QAT_VARIANTS},
+            "qat_less_loss_than_ptq": holds, "per_model": per_model, "threads": 1,
+            "notes": "drop_pt = 100 * (fp32 test acc - quantized test acc), mean and spread (max - min) over seeds; "
+                     "gain_over_ptq_pt is paired per seed. fp32_finetuned = the fp32 model given the same "
+                     "fine-tuning budget as QAT (control for extra training). Digits has 360 test images "
+                     "(1 image = 0.28 pt): differences there are within noise. Machine shared with other engineers' jobs "
+                     "(accuracy is unaffected; run time is)."}
 
 
 if __name__ == "__main__":

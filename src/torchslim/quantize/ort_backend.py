@@ -9,6 +9,11 @@ Entropy) do the work, and ``onnxruntime.transformers.optimizer`` fuses transform
 Layers a mixed-precision plan keeps in float are found in the graph by their weights (robust to
 how an exporter names nodes) and passed as ``nodes_to_exclude``. ``OrtModel`` wraps the result
 as an ``nn.Module`` so evaluate / measure treat it as any other model.
+
+Dynamic plans may mix kernels: per-channel int8 (MatMulInteger / QAttention, the fastest) for
+most layers, 8-bit weight blocks (MatMulNBits, per-block activation scales, slower but far more
+faithful) only for ``block_layers``, and SmoothQuant (``smooth_alpha``, see ort_graph.py) for
+the inputs whose outlier channels a per-tensor activation scale handles badly.
 """
 
 from __future__ import annotations
@@ -28,10 +33,21 @@ from ..errors import check
 from ..export.onnx import export_onnx, ort_session, temp_onnx_path, to_feed
 from ..task import Task
 from ..utils import atomic_write
+from .ort_graph import (  # noqa: F401 - re-exported: tests and callers import them from here
+    WEIGHT_OPS,
+    act_overrides,
+    activation_absmax,
+    eager_attention,
+    layer_nodes,
+    optimize_graph,
+    select_nodes,
+    smooth_graph,
+    transformer_dims,
+    weight_layers,
+)
 
 ORT_MODES = ("dynamic", "static")
 ORT_CALIBRATIONS = ("minmax", "percentile", "entropy")
-WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "Attention")
 
 
 @dataclass
@@ -53,6 +69,13 @@ class OrtQuantConfig:
         are quantized per block at run time, far finer than quantize_dynamic's one scale per
         tensor; without it the weights are dequantized and the product is float (weight-only).
         Other ops (Attention, embeddings, Conv) still go through quantize_dynamic.
+    block_layers: fnmatch patterns of torch layer names (or ONNX node names) whose MatMul takes
+        the blocks; the other MatMuls go through quantize_dynamic (per channel, the faster int8
+        kernel). Empty = every MatMul.
+    smooth_alpha / smooth_layers: SmoothQuant migration strength in (0, 1) for the inputs of
+        the MatMul/Attention nodes matched by smooth_layers (empty = every one quantized with a
+        per-tensor activation scale), from per-channel input maxima on calibration_batches of
+        the task's data (dynamic mode; a per-channel Mul is inserted, see ort_graph.py).
     """
 
     mode: str = "dynamic"
@@ -68,9 +91,13 @@ class OrtQuantConfig:
     block_bits: int | None = None
     block_size: int = 32
     block_int8_compute: bool = True
+    block_layers: tuple[str, ...] = ()
+    smooth_alpha: float | None = None
+    smooth_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.exclude_layers, self.exclude_nodes = tuple(self.exclude_layers), tuple(self.exclude_nodes)
+        self.block_layers, self.smooth_layers = tuple(self.block_layers), tuple(self.smooth_layers)
         check(self.mode in ORT_MODES, "OrtQuantConfig.mode", f"must be one of {ORT_MODES}, got {self.mode!r}")
         check(self.calibration in ORT_CALIBRATIONS, "OrtQuantConfig.calibration",
               f"must be one of {ORT_CALIBRATIONS} (ONNX Runtime's calibrators), got {self.calibration!r}")
@@ -78,6 +105,12 @@ class OrtQuantConfig:
         check(self.block_bits in (None, 4, 8), "OrtQuantConfig.block_bits", f"must be None, 4 or 8 (MatMulNBits), got {self.block_bits!r}")
         check(self.block_size in (16, 32, 64, 128, 256), "OrtQuantConfig.block_size", f"must be 16, 32, 64, 128 or 256, got {self.block_size!r}")
         check(self.block_bits is None or self.mode == "dynamic", "OrtQuantConfig.block_bits", "blockwise MatMul weights need mode='dynamic'")
+        check(not self.block_layers or self.block_bits is not None, "OrtQuantConfig.block_layers",
+              "selects layers for MatMulNBits blocks; set block_bits=8 (or 4) too")
+        check(self.smooth_alpha is None or 0 < self.smooth_alpha < 1, "OrtQuantConfig.smooth_alpha",
+              f"must be in (0, 1) or None, got {self.smooth_alpha!r}")
+        check(self.smooth_alpha is None or self.mode == "dynamic", "OrtQuantConfig.smooth_alpha",
+              "graph SmoothQuant is for mode='dynamic' (static QDQ takes the simulation's ranges)")
         check(self.calibration_batches >= 1, "OrtQuantConfig.calibration_batches", f"must be >= 1, got {self.calibration_batches!r}")
 
 
@@ -150,108 +183,6 @@ class TaskDataReader:
         self._it = iter(self.feeds)
 
 
-# ---------------------------------------------------------------------------- graph helpers
-def transformer_dims(model: nn.Module) -> tuple[int, int] | None:
-    """(num_heads, hidden_size) of a Hugging Face encoder inside model, else None."""
-    for m in model.modules():
-        cfg = getattr(m, "config", None)
-        if cfg is not None and hasattr(cfg, "num_attention_heads") and hasattr(cfg, "hidden_size"):
-            return int(cfg.num_attention_heads), int(cfg.hidden_size)
-    return None
-
-
-def eager_attention(model: nn.Module) -> None:
-    """Switch HF attention to the 'eager' implementation (in place): its exported graph is the
-    pattern ORT's fusion recognises; SDPA exports to a graph ORT cannot fuse."""
-    for m in model.modules():
-        if hasattr(m, "set_attn_implementation") and getattr(getattr(m, "config", None), "_attn_implementation", "eager") != "eager":
-            m.set_attn_implementation("eager")
-
-
-def optimize_graph(path: Path, dims: tuple[int, int] | None, out: Path) -> dict[str, int]:
-    """Fuse transformer blocks with onnxruntime.transformers (no-op copy without dims)."""
-    if dims is None:
-        out.write_bytes(path.read_bytes())
-        return {}
-    from onnxruntime.transformers import optimizer
-
-    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    opt = optimizer.optimize_model(str(path), model_type="bert", num_heads=dims[0], hidden_size=dims[1])
-    opt.save_model_to_file(str(out))
-    return {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
-
-
-def _initializers(graph) -> dict[str, np.ndarray]:
-    from onnx import numpy_helper
-
-    return {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-
-
-def _fingerprint(w: np.ndarray) -> tuple:
-    """Shape plus the exact first and last values (exporters copy weights bit for bit)."""
-    flat = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
-    return (w.shape, flat[:16].tobytes(), flat[-16:].tobytes())
-
-
-def layer_nodes(onnx_path: str | os.PathLike, model: nn.Module) -> dict[str, list[str]]:
-    """torch layer name -> ONNX node names that hold its weight (matched by values, so it works
-    whatever the exporter names nodes; fused Attention holds q, k and v together)."""
-    import onnx
-
-    graph = onnx.load(str(onnx_path)).graph
-    inits = _initializers(graph)
-    by_print: dict[tuple, list[str]] = {}
-    for node in graph.node:
-        if node.op_type not in WEIGHT_OPS:
-            continue
-        for name in node.input[1:2]:
-            w = inits.get(name)
-            if w is None or w.ndim < 2:
-                continue
-            cands = [w, w.T] if node.op_type in ("MatMul", "Gemm") else [w]
-            if node.op_type == "Attention":
-                cands = [c.T for c in np.split(w, 3, axis=1)]
-            for c in cands:
-                by_print.setdefault(_fingerprint(np.ascontiguousarray(c)), []).append(node.name)
-    found: dict[str, list[str]] = {}
-    for name, layer in weight_layers(model).items():
-        nodes = by_print.get(_fingerprint(layer.weight.detach().cpu().numpy()))
-        if nodes:
-            found[name] = sorted(set(nodes))
-    return found
-
-
-def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """name -> float Linear/Conv; a FakeQuantLayer counts under its own name (not '.layer')."""
-    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    out: dict[str, nn.Module] = {}
-    inner: set[int] = set()
-    for name, mod in model.named_modules():
-        if isinstance(getattr(mod, "layer", None), kinds) and hasattr(mod, "wq"):
-            out[name] = mod.layer
-            inner.add(id(mod.layer))
-        elif isinstance(mod, kinds) and id(mod) not in inner:
-            out[name] = mod
-    return out
-
-
-def act_overrides(model: nn.Module, mapping: dict[str, list[str]], graph) -> dict[str, list[dict]]:
-    """ORT TensorQuantOverrides that give each quantized layer's input the simulation's static
-    (scale, zero point), so ORT and the fake-quant model round activations identically."""
-    fq = {n: m for n, m in model.named_modules() if hasattr(m, "aq") and hasattr(m, "wq")}
-    inputs = {node.name: node.input[0] for node in graph.node if node.input}
-    out: dict[str, list[dict]] = {}
-    for name, nodes in mapping.items():
-        aq = getattr(fq.get(name), "aq", None)
-        if aq is None or aq.dynamic or aq.bits != 8 or aq.symmetric or not getattr(fq[name], "enabled", True):
-            continue
-        for node in nodes:
-            if node in inputs:
-                out[inputs[node]] = [{"scale": np.array(float(aq.scale), dtype=np.float32),
-                                      "zero_point": np.array(int(aq.zero_point), dtype=np.uint8)}]
-    return out
-
-
 # ---------------------------------------------------------------------------- the pipeline
 @dataclass
 class OrtResult:
@@ -281,7 +212,7 @@ def quantize_onnx(fp32_path: Path, out: Path, cfg: OrtQuantConfig, model: nn.Mod
                   task: Task | None = None) -> dict[str, Any]:
     """Quantize the graph at fp32_path into out with ORT; returns excluded nodes etc."""
     import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import CalibrationMethod
 
     logging.getLogger().setLevel(logging.ERROR)  # ORT logs a "consider pre-processing" warning
@@ -293,16 +224,9 @@ def quantize_onnx(fp32_path: Path, out: Path, cfg: OrtQuantConfig, model: nn.Mod
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}  # fused contrib ops defeat type inference
     common = {"per_channel": cfg.per_channel, "reduce_range": cfg.reduce_range, "nodes_to_exclude": ort_exclude,
               "op_types_to_quantize": list(cfg.op_types) if cfg.op_types else None}
-    if cfg.mode == "dynamic" and cfg.block_bits:
-        common["op_types_to_quantize"] = [t for t in (cfg.op_types or NON_MATMUL_OPS) if t != "MatMul"]
-        mid = out.with_name(out.stem + ".dyn.onnx")
-        try:
-            quantize_dynamic(str(fp32_path), str(mid), weight_type=QuantType.QInt8, extra_options=extra, **common)
-            _matmul_nbits(mid, out, cfg, ort_exclude)
-        finally:
-            mid.unlink(missing_ok=True)
-    elif cfg.mode == "dynamic":
-        quantize_dynamic(str(fp32_path), str(out), weight_type=QuantType.QInt8, extra_options=extra, **common)
+    info: dict[str, Any] = {}
+    if cfg.mode == "dynamic":
+        _dynamic(fp32_path, out, cfg, mapping, ort_exclude, task, info, extra, common)
     else:
         check(task is not None, "OrtQuantConfig.mode", "static quantization needs a task with calibration data")
         names = [i.name for i in onnx.load(str(fp32_path)).graph.input]
@@ -317,8 +241,53 @@ def quantize_onnx(fp32_path: Path, out: Path, cfg: OrtQuantConfig, model: nn.Mod
         quantize_static(str(fp32_path), str(out), reader, quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=method, extra_options=extra, **common)
     return {"excluded_nodes": exclude, "excluded_layers_not_found": missing, "matched_layers": len(mapping),
-            "quantized_nodes": _count_quantized(out),
+            "quantized_nodes": _count_quantized(out), **info,
             "activation_ranges_from_simulation": len(extra.get("TensorQuantOverrides", {}))}
+
+
+def _dynamic(src: Path, out: Path, cfg: OrtQuantConfig, mapping: dict[str, list[str]], exclude: list[str],
+             task: Task | None, info: dict[str, Any], extra: dict, common: dict) -> None:
+    """quantize_dynamic, optionally after SmoothQuant, with MatMulNBits for the block nodes."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(str(src)).graph
+    block = []
+    if cfg.block_bits and cfg.block_layers:
+        block = [n.name for n in graph.node if n.op_type == "MatMul" and n.name in
+                 set(select_nodes(cfg.block_layers, mapping, graph)) - set(exclude)]
+        info["block_nodes"] = block
+    elif cfg.block_bits:  # every MatMul in blocks; quantize_dynamic only takes the other ops
+        common["op_types_to_quantize"] = [t for t in (cfg.op_types or NON_MATMUL_OPS) if t != "MatMul"]
+        block = [n.name for n in graph.node if n.op_type == "MatMul"]
+    tmp = [out.with_name(out.stem + ".smooth.onnx"), out.with_name(out.stem + ".dyn.onnx")]
+    try:
+        if cfg.smooth_alpha is not None:
+            info["smoothed_nodes"] = _smooth(src, tmp[0], cfg, mapping, set(exclude) | set(block), task, graph)
+            src = tmp[0]
+        if not cfg.block_bits:
+            quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, extra_options=extra, **common)
+            return
+        common["nodes_to_exclude"] = exclude + block
+        quantize_dynamic(str(src), str(tmp[1]), weight_type=QuantType.QInt8, extra_options=extra, **common)
+        _matmul_nbits(tmp[1], out, cfg, exclude)
+    finally:
+        for t in tmp:
+            t.unlink(missing_ok=True)
+
+
+def _smooth(src: Path, out: Path, cfg: OrtQuantConfig, mapping: dict[str, list[str]], skip: set[str],
+            task: Task | None, graph) -> dict[str, float]:
+    """SmoothQuant the selected nodes' inputs, ranges from the task's calibration batches."""
+    check(task is not None, "OrtQuantConfig.smooth_alpha", "SmoothQuant needs a task with calibration data")
+    if cfg.smooth_layers:
+        nodes = select_nodes(cfg.smooth_layers, mapping, graph)
+    else:
+        nodes = [n.name for n in graph.node if n.op_type in ("MatMul", "Attention")]
+    nodes = [n for n in nodes if n not in skip]
+    names = [i.name for i in graph.input]
+    amax = activation_absmax(src, nodes, TaskDataReader(task, cfg.calibration_batches, names).feeds)
+    return smooth_graph(src, out, amax, cfg.smooth_alpha, nodes)
 
 
 NON_MATMUL_OPS = ("Attention", "EmbedLayerNormalization", "Gather", "Conv", "Gemm")
