@@ -24,7 +24,7 @@ def shrink(node):
 
 def test_there_are_example_recipes():
     names = {p.stem for p in RECIPES}
-    assert {"digits_deep_compression", "mnist1d_cnn_prune_int8", "minilm_heads_ffn_recovery"} <= names
+    assert {"digits_deep_compression", "mnist1d_cnn_prune_int8", "minilm_heads_ffn_recovery", "minilm_int8"} <= names
 
 
 @pytest.mark.slow

@@ -44,6 +44,21 @@ def register_backend(name: str) -> Callable[[Callable[..., Any]], Callable[..., 
     return deco
 
 
+def _check_ort_options(options: dict[str, Any]) -> None:
+    """ort_options are extra OrtQuantConfig fields (e.g. block_layers, smooth_alpha)."""
+    check(isinstance(options, dict), "QuantConfig.ort_options", "must be a mapping of OrtQuantConfig fields")
+    if not options:
+        return
+    import dataclasses
+
+    from .ort_backend import OrtQuantConfig  # only when used: it needs onnxruntime
+
+    known = {f.name for f in dataclasses.fields(OrtQuantConfig)}
+    check(isinstance(options, dict), "QuantConfig.ort_options", "must be a mapping of OrtQuantConfig fields")
+    bad = sorted(set(options) - known)
+    check(not bad, "QuantConfig.ort_options", f"unknown OrtQuantConfig field {bad[:1]}; known: {', '.join(sorted(known))}")
+
+
 @dataclass
 class QuantConfig:
     """How to quantize.
@@ -100,9 +115,11 @@ class QuantConfig:
     learnable_scales: bool = False
     backend: str = "simulate"
     seed: int = 0
+    ort_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.skip = tuple(self.skip)
+        _check_ort_options(self.ort_options)
         for name in ("bits", "act_bits"):
             v = getattr(self, name)
             check(isinstance(v, int) and 2 <= v <= 8, f"QuantConfig.{name}", f"must be an integer in 2..8, got {v!r}")
