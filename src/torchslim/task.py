@@ -191,8 +191,3 @@ def _describe(inputs: Any) -> str:
     if isinstance(inputs, Mapping):
         return "{" + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in inputs.items()) + "}"
     return type(inputs).__name__
-
-
-# Old private names, still imported by some modules.
-_as_tensor = as_tensor
-_resize_batch = resize_batch
