@@ -24,15 +24,6 @@ from torchslim.train import TrainConfig, fit
 from torchslim.zoo import build_model, build_task
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription (50x here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def task():
     return build_task("digits", batch_size=64)

@@ -26,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_fl
 
 from .errors import check
 from .task import call_model
+from .utils import removing
 
 log = logging.getLogger(__name__)
 MIN_SAMPLE_S = 1e-3  # calls faster than this are looped so one sample spans >= 1 ms
@@ -130,14 +131,10 @@ def _run_with_hooks(
 ) -> dict[str, int]:
     found: dict[str, int] = {}
     handles = _shape_hooks(model, counter, found)
-    try:
-        with torch.no_grad(), contextlib.ExitStack() as stack:
-            for mode in modes:
-                stack.enter_context(mode)
-            call_model(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    with removing(handles), torch.no_grad(), contextlib.ExitStack() as stack:
+        for mode in modes:
+            stack.enter_context(mode)
+        call_model(model, inputs)
     return found
 
 

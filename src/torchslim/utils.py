@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import tempfile
@@ -80,3 +81,13 @@ def console():
 
     probe = Console()
     return probe if probe.is_terminal else Console(width=160)
+
+
+@contextlib.contextmanager
+def removing(handles):
+    """Run the block, then remove the given hook handles, whatever happened in it."""
+    try:
+        yield handles
+    finally:
+        for handle in handles:
+            handle.remove()

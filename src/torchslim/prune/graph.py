@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import check
 from ..task import call_model
+from ..utils import removing
 
 Plan = dict[str, list[int]]
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
@@ -49,12 +50,8 @@ def classifier_layer(model: nn.Module, example_inputs: Any) -> nn.Module | None:
     order: list[nn.Module] = []
     hooks = [m.register_forward_hook(lambda mod, i, o: order.append(mod))
              for m in model.modules() if isinstance(m, ROOT_TYPES)]
-    try:
-        with torch.no_grad():
-            call_model(model, example_inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    with removing(hooks), torch.no_grad():
+        call_model(model, example_inputs)
     return order[-1] if order else None
 
 

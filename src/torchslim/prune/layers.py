@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import ConfigError, check
 from ..stage import StageResult, register_stage
 from ..task import Task, as_tensor, call_model
-from ..utils import model_device, to_device
+from ..utils import model_device, removing, to_device
 
 CRITERIA = ("metric", "output")
 
@@ -77,12 +77,8 @@ def io_shapes(model: nn.Module, names: list[str], inputs: Any) -> dict[str, tupl
         return fn
 
     hooks = [model.get_submodule(n).register_forward_hook(hook(n), with_kwargs=True) for n in names]
-    try:
-        with torch.no_grad():
-            call_model(model, inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    with removing(hooks), torch.no_grad():
+        call_model(model, inputs)
     return seen
 
 

@@ -22,7 +22,7 @@ from ..errors import check
 from ..stage import StageResult, register_stage
 from ..task import Task, call_model
 from ..train import TrainConfig, fit
-from ..utils import model_device, to_device
+from ..utils import model_device, removing, to_device
 from . import graph
 
 CRITERIA = {
@@ -116,12 +116,8 @@ def layer_macs(model: nn.Module, inputs: Any) -> dict[str, int]:
         return fn
 
     hooks = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, graph.ROOT_TYPES)]
-    try:
-        with torch.no_grad():
-            call_model(model, inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    with removing(hooks), torch.no_grad():
+        call_model(model, inputs)
     return macs
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..task import Task, call_model
-from ..utils import model_device, to_device
+from ..utils import model_device, removing, to_device
 from .fake import FakeQuantLayer
 from .observers import observe
 
@@ -95,12 +95,8 @@ def calibrate_activations(model: nn.Module, batches: list[Any], method: str, par
     recs = {n: _Recorder(max(SAMPLE_CAP // max(len(batches), 1), 1), gen) for n in layers}
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: recs[n].add(_layer_input(mod, args[0])))
              for n, m in layers.items()]
-    try:
-        with float_mode(model):
-            run_inputs(model, batches)
-    finally:
-        for h in hooks:
-            h.remove()
+    with removing(hooks), float_mode(model):
+        run_inputs(model, batches)
     ranges = {}
     for n, m in layers.items():
         rec = recs[n]
@@ -127,12 +123,8 @@ def input_channel_absmax(model: nn.Module, layers: dict[str, nn.Module], batches
         stats[name] = cur if name not in stats else torch.maximum(stats[name], cur)
 
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n, m in layers.items()]
-    try:
-        with float_mode(model):
-            run_inputs(model, batches)
-    finally:
-        for h in hooks:
-            h.remove()
+    with removing(hooks), float_mode(model):
+        run_inputs(model, batches)
     return stats
 
 
@@ -154,12 +146,8 @@ def correct_bias(model: nn.Module, batches: list[Any]) -> dict[str, float]:
         counts[name] = counts.get(name, 0) + err.shape[0]
 
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n, m in layers.items()]
-    try:
-        with float_mode(model):
-            run_inputs(model, batches)
-    finally:
-        for h in hooks:
-            h.remove()
+    with removing(hooks), float_mode(model):
+        run_inputs(model, batches)
     out = {}
     for n, m in layers.items():
         if n not in sums:
