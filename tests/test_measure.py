@@ -26,7 +26,7 @@ from torchslim.measure import (
     peak_memory,
     state_dict_bytes,
 )
-from torchslim.measure_latency import _sampled_rss_peak
+from torchslim.measure_memory import _sampled_rss_peak
 from torchslim.zoo import build_model, build_task
 
 # torch.ao dynamic quantization and the TorchScript ONNX exporter serve as peers here; their

@@ -21,7 +21,7 @@ def _row(stage, metric, kb, ms, info=None):
 
 RUN = {
     "name": "report-test", "seed": 0, "seconds": 1.0, "versions": {"torch": "2.13.0"},
-    "machine": {"cpu": "Test CPU 9000", "threads": 2}, "recipe": {"task": "digits"},
+    "machine": {"cpu": "Test CPU 9000", "isa": "AVX2 (no VNNI)", "threads": 2}, "recipe": {"task": "digits"},
     "rows": [
         _row("baseline", 0.97, 200, 1.0),
         _row("prune", 0.965, 40, 0.9, {"layers": [{"layer": "net.1", "sparsity": 0.9}, {"layer": "net.3", "sparsity": 0.95}],
@@ -30,6 +30,9 @@ RUN = {
         _row("bad", 0.90, 60, 2.0),
     ],
 }
+RUN["rows"][1].update(speedup={"eager": 1.11}, speedup_basis="median", runtime_labels={"eager": "PyTorch eager"})
+RUN["rows"][3].update(speedup={"eager": 0.52}, speedup_basis="p10", runtime_labels={"eager": "ONNX Runtime"},
+                      warnings=["latency: the timing thread ran only 40% of the wall time"])
 
 
 def test_pareto_front_is_the_non_dominated_points():
@@ -49,7 +52,11 @@ def report(tmp_path):
 
 def test_report_is_self_contained_and_states_the_machine(report):
     html = report.read_text()
-    assert "Test CPU 9000 with 2 torch threads" in html
+    assert "Test CPU 9000 (AVX2 (no VNNI)) with 2 torch threads" in html  # CPU, ISA, threads
+    # the interleaved speedup of the row itself, not a ratio to a baseline timed elsewhere;
+    # a contended row is marked and its warning listed; each row names its runtime
+    assert "<td>1.11×</td>" in html and "<td>0.52×* ⚠</td>" in html and "<td>~0.90" not in html
+    assert "ran only 40% of the wall time" in html and "<td>ONNX Runtime</td>" in html
     assert "<script src=" not in html and "plotly" in html  # plotly.js is inline, nothing fetched
     assert html.count("data-plot=") == 5  # two Pareto plots, sparsity and bit-width bars, sensitivity
     assert (report.parent / "pareto.png").stat().st_size > 10_000

@@ -14,7 +14,6 @@ import io
 import logging
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,16 +21,17 @@ import torch
 from torch import nn
 
 from .errors import check
+from .isa import machine_facts
 from .measure_latency import (
     compare_latency,
     count_macs,
     count_macs_detail,
     latency,
-    ort_runner,
     ort_session,
-    peak_memory,
     torch_threads,
 )
+from .measure_memory import peak_memory
+from .measure_timing import time_model
 from .task import Task, call_model
 from .utils import batch_size_of, model_device, to_device
 
@@ -129,6 +129,14 @@ class Record:
     device: str = "cpu"
     threads: int = 0
     notes: list[str] = field(default_factory=list)
+    # what executed each latency key ("PyTorch eager", "ONNX Runtime", "torch.compile")
+    runtime_labels: dict[str, str] = field(default_factory=dict)
+    # speedup per runtime against a reference timed in the same repeats (measure(reference=))
+    speedup: dict[str, float] = field(default_factory=dict)
+    speedup_basis: str | None = None  # "median", or "p10" when the timing was contended
+    reference_latency: dict[str, float] | None = None
+    warnings: list[str] = field(default_factory=list)  # figures not to trust as they stand
+    machine: dict[str, Any] = field(default_factory=dict)  # CPU, ISA facts, threads (isa.py)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe dict (non-finite floats become None)."""
@@ -243,28 +251,6 @@ def _state_dict_format(model: nn.Module) -> str:
 
 
 # ---------------------------------------------------------------------------- the record
-def _compiled_runner(model: nn.Module, inputs: Any):
-    compiled = torch.compile(model)
-    with torch.inference_mode():
-        call_model(compiled, inputs)  # compile now, outside the timed region
-    return lambda: call_model(compiled, inputs)
-
-
-def _runners(model: nn.Module, inputs: Any, cfg: MeasureConfig, notes: list[str]) -> dict[str, Any]:
-    runners: dict[str, Any] = {}
-    for rt in cfg.runtimes:
-        if rt == "eager":
-            runners[rt] = lambda: call_model(model, inputs)
-        elif rt == "compile":
-            try:
-                runners[rt] = _compiled_runner(model, inputs)
-            except Exception as exc:  # noqa: BLE001 - a missing compiler should not lose the row
-                notes.append(f"compile runtime skipped: {type(exc).__name__}: {str(exc)[:200]}")
-        else:
-            runners[rt] = ort_runner(cfg.onnx_path, inputs, cfg.threads)
-    return runners
-
-
 def measure(
     model: nn.Module,
     task: Task,
@@ -272,13 +258,19 @@ def measure(
     saved_path: str | os.PathLike | None = None,
     stage: str = "",
     bytes_format: str | None = None,
+    reference: nn.Module | None = None,
 ) -> Record:
     """Measure model on task. Bytes are the size of ``saved_path`` (the file a user would ship,
-    described by ``bytes_format``) if given, else of the torch.save'd state dict."""
+    described by ``bytes_format``) if given, else of the torch.save'd state dict.
+
+    Latency is of the shipped form (parametrizations materialized, see measure_timing). With a
+    ``reference`` (e.g. the baseline) it is timed interleaved with the model in the same
+    repeats, and ``Record.speedup`` is their ratio; contended timings carry ``warnings``."""
     cfg = cfg or MeasureConfig()
     device = model_device(model)
     rec = Record(stage=stage, device=str(device))
     rec.threads = cfg.threads or torch.get_num_threads()
+    rec.machine = machine_facts(rec.threads)
     was_training = model.training
     model.eval()
     try:
@@ -315,61 +307,19 @@ def measure(
                     lambda: call_model(model, inputs), device
                 )
         if cfg.latency:
-            runners = _runners(model, inputs, cfg, rec.notes)
-            rec.latency = compare_latency(runners, cfg.warmup, cfg.repeats, cfg.threads)
+            timed = time_model(model, inputs, cfg, reference)
+            rec.latency, rec.runtime_labels = timed["latency"], timed["runtime_labels"]
+            rec.speedup, rec.speedup_basis = timed["speedup"], timed["speedup_basis"]
+            rec.reference_latency, rec.warnings = timed["reference_latency"], timed["warnings"]
+            rec.notes += timed["notes"]
             rec.throughput = {
                 rt: rec.batch_size / (v["median_ms"] / 1e3) for rt, v in rec.latency.items()
             }
+            for w in rec.warnings:
+                log.warning("%s: %s", stage or "measure", w)
     finally:
         model.train(was_training)
     return rec
 
 
-# ---------------------------------------------------------------------------- table
-def _si(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}"
-
-
-def format_records(records: Sequence[Record]):
-    """A rich Table of records; size and speedup are relative to the first record (its first
-    runtime is the latency baseline for every runtime of every row)."""
-    from rich.table import Table
-
-    names = {r.metric_name for r in records if r.metric is not None}
-    runtimes = {rt for r in records for rt in r.latency}
-    metric_col = names.pop() if len(names) == 1 else "metric"
-    lat_col = f"{runtimes.pop()} ms" if len(runtimes) == 1 else "latency ms"
-    table = Table(title="torchslim measurements")
-    for col in ("stage", metric_col, "params", "nonzeros", "KB (×)", "MACs", lat_col, "speedup"):
-        table.add_column(col, justify="left" if col == "stage" else "right")
-    if not records:
-        return table
-    first = records[0]
-    base = next(iter(first.latency.values()), None)
-    for r in records:
-        metric = "-" if r.metric is None else f"{r.metric:.4f}"
-        if metric_col == "metric" and r.metric is not None:
-            metric = f"{r.metric_name} {metric}"
-        ratio = f"{first.bytes / r.bytes:.1f}×" if r.bytes else "-"
-        tag = (lambda rt: f" {rt}") if lat_col == "latency ms" else (lambda rt: "")
-        lat = [f"{v['median_ms']:.3f}{tag(rt)}" for rt, v in r.latency.items()]
-        speed = [
-            f"{base['median_ms'] / v['median_ms']:.2f}×" if base else "-"
-            for v in r.latency.values()
-        ]
-        table.add_row(
-            r.stage or "-",
-            metric,
-            f"{r.params:,}",
-            f"{r.nonzeros:,}",
-            f"{r.bytes / 1024:.1f} ({ratio})",
-            _si(r.macs_per_sample),
-            "\n".join(lat) or "-",
-            "\n".join(speed) or "-",
-        )
-    return table
+from .measure_table import format_records  # re-exported here; it needs Record, defined above

@@ -1,4 +1,5 @@
-"""What one forward costs: MACs (counted), latency (timed, interleaved), peak memory.
+"""What one forward costs: MACs (counted) and latency (timed, interleaved); peak memory is in
+``measure_memory``.
 
 Shared machines are noisy, so candidates are never timed one after the other: every repeat
 runs each candidate once (in a rotating order), and we report medians and percentiles.
@@ -11,8 +12,6 @@ import logging
 import math
 import os
 import re
-import sys
-import threading
 import time
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
@@ -210,11 +209,55 @@ def compare_latency(
             n: max(1, math.ceil(MIN_SAMPLE_S / max(_time_once(candidates[n], 1), 1e-9)))
             for n in names
         }
+        used_threads = torch.get_num_threads()
+        probe = _LoadProbe()
         for r in range(repeats):
             k = r % len(names)
             for n in names[k:] + names[:k]:  # rotate so no candidate always runs first
                 samples[n].append(_time_once(candidates[n], number[n]))
-    return {n: _summary(samples[n], number[n]) for n in names}
+        load = probe.stop(used_threads)
+    return {n: {**_summary(samples[n], number[n]), "load": load} for n in names}
+
+
+def _system_busy_s() -> float | None:
+    """CPU seconds all processes have been busy since boot (/proc/stat), None off Linux."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class _LoadProbe:
+    """How much CPU this process got while timing, and how much went elsewhere.
+
+    cpu_share: CPU time of the timing thread / wall, capped at 1. The calling thread runs the
+    forward (torch's and ONNX Runtime's pools spin-wait on it between kernels), so well below 1
+    means it was runnable but descheduled: another process held its core. extra_cores: process
+    CPU beyond what its timing threads can use (a busy thread of this process). other_cores:
+    what other processes used, from /proc/stat (10 ms resolution: only windows >= 0.5 s).
+    """
+
+    def __init__(self) -> None:
+        self.wall, self.cpu, self.sys = time.perf_counter(), time.process_time(), _system_busy_s()
+        self.thread = time.thread_time()
+
+    def stop(self, threads: int) -> dict[str, float | int | None]:
+        wall = max(time.perf_counter() - self.wall, 1e-9)
+        cpu = time.process_time() - self.cpu
+        mine = time.thread_time() - self.thread
+        busy = _system_busy_s()
+        cores = os.cpu_count() or 1
+        usable = wall * min(threads, cores)
+        other = None
+        if busy is not None and self.sys is not None and wall >= 0.5:
+            other = max(0.0, (busy - self.sys) - cpu) / wall
+        return {"wall_s": round(wall, 4), "threads": threads, "cores": cores,
+                "cpu_share": round(min(mine / wall, 1.0), 3),
+                "extra_cores": round(max(0.0, cpu - usable) / wall, 3),
+                "other_cores": None if other is None else round(other, 3)}
 
 
 def _summary(seconds: list[float], number: int) -> dict[str, float]:
@@ -284,100 +327,3 @@ def ort_runner(
     feeds = ort_feeds(session, inputs)
     return lambda: session.run(None, feeds)
 
-
-# ---------------------------------------------------------------------------- peak memory
-def _rss_bytes() -> int | None:
-    """Current resident set size from /proc (Linux); None where unavailable."""
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[int, str]:
-    """(bytes, kind): memory allocated at the peak of one call of fn, above what was allocated
-    before it (tensors alive before the call are not counted).
-
-    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the same quantity from the profiler's
-    allocation events, because RSS barely moves once the allocator holds memory from earlier
-    calls; sampled RSS growth only if the profiler fails.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        with torch.inference_mode():
-            fn()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - before
-        return int(peak), "cuda max_memory_allocated delta"
-    try:
-        return _profiled_cpu_peak(fn), "torch CPU allocation peak (profiler)"
-    except Exception as exc:  # noqa: BLE001 - profiler internals vary across versions
-        log.info("peak_memory: profiler failed (%s); sampling RSS instead", exc)
-        return _sampled_rss_peak(fn), "sampled RSS delta"
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Silence file descriptor 2 while the profiler runs: Kineto's C++ logger prints
-    'profiler_start/stop' lines there that would litter every CLI table."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def _profiled_cpu_peak(fn: Callable[[], Any]) -> int:
-    """Peak of the running sum of CPU allocations and frees recorded by torch.profiler."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with (
-        _quiet_stderr(),
-        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
-        torch.inference_mode(),
-    ):
-        fn()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        e = stack.pop()
-        stack.extend(e.children)
-        if e.typed[0] == _EventType.Allocation and e.typed[1].device.type == "cpu":
-            events.append((e.start_time_ns, e.typed[1].alloc_size))
-    current = peak = 0
-    for _, size in sorted(events):
-        current += size
-        peak = max(peak, current)
-    return int(peak)
-
-
-def _sampled_rss_peak(fn: Callable[[], Any], interval_s: float = 2e-4) -> int:
-    """RSS growth during fn, sampled from a thread (torch kernels release the GIL)."""
-    before = _rss_bytes()
-    check(before is not None, "peak_memory", "neither the profiler nor /proc is available")
-    peak = [before]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes() or 0)
-            time.sleep(interval_s)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        with torch.inference_mode():
-            fn()
-    finally:
-        done.set()
-        thread.join()
-    return max(0, max(peak[0], _rss_bytes() or 0) - before)

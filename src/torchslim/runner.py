@@ -13,6 +13,7 @@ directory, never user input. User-supplied weights are read with ``weights_only=
 
 from __future__ import annotations
 
+import copy
 import json
 import platform
 import time
@@ -26,6 +27,7 @@ from torch import nn
 
 from .checkpoint import load_module, save_module
 from .export.weights import load_weights, save_weights
+from .isa import machine_facts
 from .measure import MeasureConfig, Record, measure
 from .recipe import Recipe, Stage, load_recipe
 from .stage import apply_stage, training_hooks
@@ -49,12 +51,14 @@ def run_recipe(recipe: Recipe | str | Path | dict, out: str | Path | None = None
     state = _load_state(state_dir) if resume else None
     if state is None:
         model = _baseline(recipe, task, log)
+        reference = copy.deepcopy(model).eval()  # later stages may change the model in place
         rows = [_measure(model, task, mcfg, out_dir, "baseline", None, {})]
         save_module(model, state_dir / "baseline.pt")  # teacher for distillation stages
         state = {"done": 0, "ckpt_done": 0, "rows": rows, "timings": {"baseline": round(time.perf_counter() - start, 2)}}
         _save_state(state_dir, model, state, log)
     else:
         model = load_module(state_dir / "model.pt")
+        reference = load_module(state_dir / "baseline.pt").eval()
         state["done"] = state["ckpt_done"]  # stages after the last checkpointable model run again
         state["rows"] = state["rows"][: state["done"] + 1]
         log(f"resuming after stage {state['done']} of {len(recipe.stages)}")
@@ -65,7 +69,7 @@ def run_recipe(recipe: Recipe | str | Path | dict, out: str | Path | None = None
         log(f"stage {stage.name}: {stage.technique}")
         config = _with_teacher(stage.config, state_dir / "baseline.pt")
         model, info, save = _run_stage(model, stage, config, task, recipe.spec.seed + i + 1)
-        state["rows"].append(_measure(model, task, mcfg, out_dir, stage.name, save, info))
+        state["rows"].append(_measure(model, task, mcfg, out_dir, stage.name, save, info, reference))
         state["done"] = i + 1
         state["timings"][stage.name] = round(time.perf_counter() - t0, 2)
         _save_state(state_dir, model, state, log)
@@ -104,8 +108,10 @@ def _run_stage(model: nn.Module, stage: Stage, config: Any, task, seed: int):
     return model, info, result.save
 
 
-def _measure(model, task, mcfg, out_dir: Path, name: str, save, info) -> dict[str, Any]:
-    """Measure after a stage; the stage's own compact format (if any) gives the bytes."""
+def _measure(model, task, mcfg, out_dir: Path, name: str, save, info, reference=None) -> dict[str, Any]:
+    """Measure after a stage; the stage's own compact format (if any) gives the bytes. The
+    baseline (``reference``) is timed interleaved with the stage's model, in the same process
+    and repeats, so the row's speedup does not depend on when each was measured."""
     artifact = out_dir / "artifacts" / f"{_slug(name)}"
     if save is not None:
         path = artifact.with_suffix(".bin")
@@ -114,7 +120,7 @@ def _measure(model, task, mcfg, out_dir: Path, name: str, save, info) -> dict[st
     else:
         path = save_weights(model, artifact.with_suffix(".safetensors"))
         fmt = "safetensors state_dict"
-    record: Record = measure(model, task, mcfg, saved_path=path, stage=name)
+    record: Record = measure(model, task, mcfg, saved_path=path, stage=name, reference=reference)
     row = record.to_dict()
     row["artifact"] = str(path.relative_to(out_dir))
     row["artifact_format"] = fmt
@@ -161,7 +167,7 @@ def _summary(recipe: Recipe, state: dict, exports: dict, seconds: float) -> dict
         "seconds": round(seconds, 2),
         "versions": {"torchslim": getattr(torchslim, "__version__", "?"), "torch": torch.__version__,
                      "python": platform.python_version()},
-        "machine": {"cpu": _cpu_name(), "threads": torch.get_num_threads()},
+        "machine": machine_facts(state["rows"][0].get("threads") if state["rows"] else None),
     }
 
 
@@ -210,13 +216,3 @@ def _asdict_ok(obj: Any) -> bool:
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

@@ -21,6 +21,18 @@ def _fmt(v: Any, nd: int = 4) -> str:
     return html.escape(str(v))
 
 
+def _speed(r: dict[str, Any], base_lat: float | None, lat: float | None, first: bool) -> str | None:
+    """The row's interleaved speedup vs the baseline if it has one (``*`` = ratio of p10s, the
+    timing was contended), else the ratio of separately timed medians (``~``)."""
+    speedup = r.get("speedup") or {}
+    if speedup:
+        value = next(iter(speedup.values()))
+        return f"{value:.2f}×" + ("*" if r.get("speedup_basis") == "p10" else "")
+    if first:
+        return "1.00×" if lat else None
+    return f"~{base_lat / lat:.2f}×" if base_lat and lat else None
+
+
 def stage_table(run: dict[str, Any]) -> str:
     rows = run.get("rows", [])
     if not rows:
@@ -28,17 +40,29 @@ def stage_table(run: dict[str, Any]) -> str:
     base = rows[0]
     base_lat = next(iter(base.get("latency", {}).values()), {}).get("median_ms")
     head = ("<tr><th>stage</th><th>{m}</th><th>Δ vs baseline</th><th>params</th><th>non-zeros</th>"
-            "<th>bytes</th><th>× smaller</th><th>MACs / sample</th><th>latency ms</th><th>speedup</th></tr>")
+            "<th>bytes</th><th>× smaller</th><th>MACs / sample</th><th>latency ms</th><th>runtime</th>"
+            "<th>speedup</th><th>p10–p90 ms</th></tr>")
     out = [head.format(m=html.escape(base.get("metric_name") or "metric"))]
-    for r in rows:
-        lat = next(iter(r.get("latency", {}).values()), {}).get("median_ms")
+    warnings = []
+    for i, r in enumerate(rows):
+        rt, timing = next(iter(r.get("latency", {}).items()), (None, {}))
+        lat = timing.get("median_ms")
         delta = None if r.get("metric") is None or base.get("metric") is None else r["metric"] - base["metric"]
         ratio = base["bytes"] / r["bytes"] if r.get("bytes") else None
-        speed = base_lat / lat if base_lat and lat else None
+        speed = _speed(r, base_lat, lat, i == 0)
+        if r.get("warnings"):
+            warnings += [f"{r.get('stage')}: {w}" for w in r["warnings"]]
+            speed = f"{speed} ⚠" if speed else "⚠"
+        spread = f"{timing['p10_ms']:.3g}–{timing['p90_ms']:.3g}" if "p10_ms" in timing else None
+        label = (r.get("runtime_labels") or {}).get(rt, rt)
         cells = [r.get("stage"), r.get("metric"), delta, r.get("params"), r.get("nonzeros"), r.get("bytes"),
-                 f"{ratio:.1f}×" if ratio else None, r.get("macs_per_sample"), lat, f"{speed:.2f}×" if speed else None]
+                 f"{ratio:.1f}×" if ratio else None, r.get("macs_per_sample"), lat, label, speed, spread]
         out.append("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in cells) + "</tr>")
-    return "<table class='stages'>" + "".join(out) + "</table>"
+    notes = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+    legend = ("<p class='machine'>Speedup: timed interleaved with the baseline in the same repeats; "
+              "* ratio of p10s (contended timing); ~ timed apart from the baseline.</p>")
+    return ("<table class='stages'>" + "".join(out) + "</table>" + legend
+            + (f"<ul class='warnings'>{notes}</ul>" if notes else ""))
 
 
 def machine_line(run: dict[str, Any]) -> str:
@@ -46,8 +70,10 @@ def machine_line(run: dict[str, Any]) -> str:
     rows = run.get("rows", [])
     threads = rows[0].get("threads") if rows else m.get("threads")
     batch = rows[0].get("batch_size") if rows else None
-    return (f"Latency measured on {html.escape(str(m.get('cpu', '?')))} with {threads} torch threads, "
-            f"batch size {batch}, PyTorch eager, median of repeats.")
+    labels = sorted({lab for r in rows for lab in (r.get("runtime_labels") or {}).values()}) or ["PyTorch eager"]
+    isa = m.get("isa") or (rows[0].get("machine", {}).get("isa") if rows else None) or "ISA not recorded"
+    return (f"Latency measured on {html.escape(str(m.get('cpu', '?')))} ({html.escape(str(isa))}) with "
+            f"{threads} torch threads, batch size {batch}, {html.escape(', '.join(labels))}, median of repeats.")
 
 
 def render(run: dict[str, Any]) -> str:
@@ -69,6 +95,7 @@ table.stages {{ border-collapse: collapse; margin: 1em 0; }}
 table.stages td, table.stages th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
 table.stages td:first-child, table.stages th:first-child {{ text-align: left; }}
 .machine {{ color: #555; }}
+.warnings {{ color: #a40; }}
 </style></head><body>
 <h1>{title}</h1>
 <p class="machine">{machine_line(run)}</p>

@@ -1,0 +1,83 @@
+"""The measurement table printed by the CLI and the demo (rich), from Records."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .measure import Record
+
+
+def _si(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _speed_cells(r: Record, first: Record, base: dict | None) -> list[str]:
+    """Speedup per runtime: the interleaved ratio when the row has one (p10-based under load,
+    marked *), else the ratio of separately timed medians (marked ~)."""
+    cells = []
+    for rt, v in r.latency.items():
+        if rt in r.speedup:
+            mark = "*" if r.speedup_basis == "p10" else ""
+            cells.append(f"{r.speedup[rt]:.2f}×{mark}")
+        elif r is first:
+            cells.append("1.00×" if rt == next(iter(r.latency)) else f"{base['median_ms'] / v['median_ms']:.2f}×")
+        else:
+            cells.append(f"~{base['median_ms'] / v['median_ms']:.2f}×" if base else "-")
+    return cells
+
+
+def format_records(records: Sequence[Record]):
+    """A rich Table of records; size is relative to the first record. Speedup is the row's own
+    interleaved measurement against the reference when it has one (``measure(reference=)``),
+    else relative to the first record's first runtime. Rows with timing warnings are marked ⚠
+    and the warnings are listed in the caption."""
+    from rich.table import Table
+
+    names = {r.metric_name for r in records if r.metric is not None}
+    metric_col = names.pop() if len(names) == 1 else "metric"
+    machine = next((r.machine for r in records if r.machine), {})
+    title = "torchslim measurements"
+    if machine:
+        title += f" — {machine.get('cpu', '?')}, {machine.get('isa', '?')}, {machine.get('threads', '?')} thread(s)"
+    table = Table(title=title)
+    for col in ("stage", metric_col, "params", "nonzeros", "KB (×)", "MACs", "latency ms (runtime)", "speedup"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    if not records:
+        return table
+    first = records[0]
+    base = next(iter(first.latency.values()), None)
+    warned = []
+    for r in records:
+        metric = "-" if r.metric is None else f"{r.metric:.4f}"
+        if metric_col == "metric" and r.metric is not None:
+            metric = f"{r.metric_name} {metric}"
+        ratio = f"{first.bytes / r.bytes:.1f}×" if r.bytes else "-"
+        lat = [f"{v['median_ms']:.3f} {r.runtime_labels.get(rt, rt)}" for rt, v in r.latency.items()]
+        speed = _speed_cells(r, first, base)
+        if r.warnings:
+            warned += [f"{r.stage or '-'}: {w}" for w in r.warnings]
+            speed = [f"{c} ⚠" for c in speed]
+        table.add_row(
+            r.stage or "-",
+            metric,
+            f"{r.params:,}",
+            f"{r.nonzeros:,}",
+            f"{r.bytes / 1024:.1f} ({ratio})",
+            _si(r.macs_per_sample),
+            "\n".join(lat) or "-",
+            "\n".join(speed) or "-",
+        )
+    notes = []
+    if any(r.speedup for r in records):
+        notes.append("speedup: timed interleaved with the baseline in the same repeats")
+    if any(r.speedup_basis == "p10" for r in records):
+        notes.append("* ratio of p10s (the timing was contended)")
+    if any(r is not first and not r.speedup and r.latency for r in records):
+        notes.append("~ timed apart from the baseline")
+    table.caption = "; ".join(notes + warned) or None
+    return table
