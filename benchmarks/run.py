@@ -7,8 +7,8 @@
 
 Each benchmark is a module ``benchmarks/b<N>_<name>.py`` with ``ID = "B<N>"``, ``TITLE``,
 ``HEADLINE`` (the headline keys, see ../shared/BENCHMARKS.md) and ``run(quick: bool) -> dict``.
-The runner adds machine facts (threads, CPU, versions, date) and writes results/<ID>.json
-atomically.
+The runner adds machine facts (CPU, ISA facts from torchslim.isa, threads, versions, date) and
+writes results/<ID>-<isa>.json atomically: one file per (benchmark, ISA), one table row each.
 """
 
 from __future__ import annotations
@@ -40,18 +40,15 @@ def discover() -> dict[str, object]:
 
 
 def machine() -> dict[str, object]:
+    """Where a result was measured: CPU model, ISA facts (torchslim.isa), threads, versions."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    sys.path.insert(0, str(HERE.parent / "src"))
+    from torchslim.isa import machine_facts
+
+    facts = machine_facts()
     return {
-        "cpu": cpu,
+        **facts,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -60,11 +57,20 @@ def machine() -> dict[str, object]:
     }
 
 
+def result_path(bid: str, isa: str) -> Path:
+    """results/<ID>-<isa>.json: one file per (benchmark, ISA), so figures from a VNNI machine and
+    from an AVX2-only one stand side by side instead of overwriting each other."""
+    sys.path.insert(0, str(HERE.parent / "src"))
+    from torchslim.isa import isa_slug
+
+    return RESULTS / f"{bid}-{isa_slug(isa)}.json"
+
+
 def write_result(bid: str, result: dict) -> Path:
     sys.path.insert(0, str(HERE.parent / "src"))
     from torchslim.utils import atomic_write_text
 
-    path = RESULTS / f"{bid}.json"
+    path = result_path(bid, result["machine"]["isa"])
     atomic_write_text(path, json.dumps(result, indent=2, sort_keys=False, default=float) + "\n")
     return path
 
@@ -77,11 +83,16 @@ def fmt(v: object) -> str:
     return str(v)
 
 
+def _order(path: Path) -> tuple[int, str]:
+    bid, _, isa = path.stem.partition("-")
+    return int(bid[1:]) if bid[1:].isdigit() else 999, isa
+
+
 def table(mods: dict[str, object]) -> str:
-    rows = ["| id | benchmark | headline | measured on | date |", "|---|---|---|---|---|"]
-    for path in sorted(RESULTS.glob("B*.json")):
+    rows = ["| id | ISA | benchmark | headline | measured on | date |", "|---|---|---|---|---|---|"]
+    for path in sorted(RESULTS.glob("B*.json"), key=_order):
         data = json.loads(path.read_text())
-        bid = path.stem
+        bid = data.get("id") or path.stem.partition("-")[0]
         mod = mods.get(bid)
         keys = getattr(mod, "HEADLINE", [k for k, v in data.items() if isinstance(v, (int, float))][:5])
         head = "; ".join(f"{k} = {fmt(data.get(k))}" for k in keys if k in data)
@@ -91,7 +102,11 @@ def table(mods: dict[str, object]) -> str:
         where = f"{m.get('cpu', '?')}, {threads} torch thread{'s' if threads != 1 else ''}"
         title = getattr(mod, "TITLE", data.get("title", ""))
         quick = " (quick)" if data.get("quick") else ""
-        rows.append(f"| {bid} | {title}{quick} | {head} | {where} | {m.get('date', '')[:10]} |")
+        isa = m.get("isa", "?") + (" ¹" if m.get("isa_note") else "")
+        rows.append(f"| {bid} | {isa} | {title}{quick} | {head} | {where} | {m.get('date', '')[:10]} |")
+    if any(json.loads(p.read_text()).get("machine", {}).get("isa_note") for p in RESULTS.glob("B*.json")):
+        rows.append("")
+        rows.append("¹ measured before results recorded ISA facts; the machine had AVX-512 VNNI (issue 9).")
     return "\n".join(rows)
 
 

@@ -17,9 +17,22 @@ def _run(args, capsys):
 
 
 def test_help_everywhere():
-    for cmd in ([], ["demo"], ["measure"], ["run"], ["report"], ["inspect"]):
+    for cmd in ([], ["demo"], ["measure"], ["run"], ["report"], ["inspect"], ["machine"]):
         proc = subprocess.run([sys.executable, "-m", "torchslim.cli", *cmd, "--help"], capture_output=True, text=True, check=False)
         assert proc.returncode == 0 and "usage: torchslim" in proc.stdout
+
+
+def test_machine_names_the_isa(capsys):
+    import torch
+
+    from torchslim.isa import cpu_isa
+
+    code, out, _ = _run(["machine", "--json"], capsys)
+    facts = json.loads(out)
+    assert code == 0 and facts["isa"] == cpu_isa()["summary"]
+    assert facts["isa_facts"]["torch_capability"] == torch.backends.cpu.get_cpu_capability()
+    code, out, _ = _run(["machine"], capsys)
+    assert code == 0 and cpu_isa()["summary"] in out
 
 
 def test_measure_prints_table_and_writes_json(tmp_path, capsys):

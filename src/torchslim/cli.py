@@ -1,4 +1,4 @@
-"""The ``torchslim`` command: demo, measure, run, report, inspect.
+"""The ``torchslim`` command: demo, measure, run, report, inspect, machine.
 
 Bad input ends with one line on stderr and exit code 2; no traceback.
 """
@@ -123,6 +123,31 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_machine(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("machine", help="the CPU's instruction-set facts that decide int8/fp32 speed",
+                       description="CPU model, ISA (AVX2 / AVX-512 / VNNI / AMX; NEON / dotprod on arm64), "
+                                   "torch's kernel level, threads: what every record and benchmark names.")
+    p.add_argument("--json", action="store_true", help="print the facts as JSON")
+    p.set_defaults(func=_cmd_machine)
+
+
+def _cmd_machine(args: argparse.Namespace) -> int:
+    import json
+
+    from .isa import describe, int8_saturates, machine_facts
+
+    facts = machine_facts()
+    if args.json:
+        print(json.dumps(facts, indent=2))
+        return 0
+    print(describe())
+    yes = [k for k, v in facts["isa_facts"].items() if v is True]
+    print(f"features: {', '.join(yes) or 'none known'}; {facts['threads']} torch threads, {facts['cores']} cores")
+    if int8_saturates():
+        print("int8: no VNNI here: 8-bit u8*s8 kernels can saturate; torchslim's default plans use 7-bit weights")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torchslim", description="Make trained PyTorch models really smaller and faster, and measure it."
@@ -133,9 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_report(sub)
     _add_inspect(sub)
+    _add_machine(sub)
     return parser
-
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:

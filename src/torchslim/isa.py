@@ -156,3 +156,15 @@ def describe() -> str:
     """One line for headers and tables: 'AMD EPYC, AVX2 (no VNNI), torch AVX2'."""
     f = cpu_isa()
     return f"{f['cpu']}, {f['summary']}, torch kernels {f['torch_capability']}"
+
+
+def isa_slug(summary: str | None = None) -> str:
+    """A file-name-safe key for an ISA summary: 'avx2', 'avx512-vnni', 'amx', 'arm64-neon-dotprod'
+    (benchmark results are kept one file per benchmark and ISA)."""
+    s = (summary or cpu_isa()["summary"]).lower()
+    table = (("amx", "amx"), ("avx-512 vnni", "avx512-vnni"), ("avx-512", "avx512"),
+             ("avx-vnni", "avx2-avxvnni"), ("avx2", "avx2"))
+    for key, slug in table:
+        if key in s:
+            return slug
+    return "".join(c if c.isalnum() else "-" for c in s).strip("-").replace("--", "-") or "unknown"
