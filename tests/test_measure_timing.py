@@ -91,7 +91,7 @@ def test_timing_warnings_name_spread_starvation_and_busy_threads():
     wide = {"a": {"median_ms": 1.0, "p10_ms": 0.9, "p90_ms": 1.6, **quiet}}
     assert "wide spread" in timing_warnings(wide)[0]
     starved = {"a": {**ok["a"], "load": {**quiet["load"], "cpu_share": 0.4}}}
-    assert "40% of the wall time" in timing_warnings(starved)[0]
+    assert "ran 40% of the wall time" in timing_warnings(starved)[0]
     busy = {"a": {**ok["a"], "load": {**quiet["load"], "extra_cores": 1.0}}}
     assert "busy thread" in timing_warnings(busy)[0]
 

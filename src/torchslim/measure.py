@@ -316,7 +316,7 @@ def measure(
                 rt: rec.batch_size / (v["median_ms"] / 1e3) for rt, v in rec.latency.items()
             }
             for w in rec.warnings:
-                log.warning("%s: %s", stage or "measure", w)
+                log.warning("%s: latency %s", stage or "measure", w)
     finally:
         model.train(was_training)
     return rec

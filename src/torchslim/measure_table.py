@@ -60,7 +60,7 @@ def format_records(records: Sequence[Record]):
         lat = [f"{v['median_ms']:.3f} {r.runtime_labels.get(rt, rt)}" for rt, v in r.latency.items()]
         speed = _speed_cells(r, first, base)
         if r.warnings:
-            warned += [f"{r.stage or '-'}: {w}" for w in r.warnings]
+            warned.append(f"⚠ {r.stage or '-'}: {'; '.join(r.warnings)}")
             speed = [f"{c} ⚠" for c in speed]
         table.add_row(
             r.stage or "-",
@@ -79,5 +79,7 @@ def format_records(records: Sequence[Record]):
         notes.append("* ratio of p10s (the timing was contended)")
     if any(r is not first and not r.speedup and r.latency for r in records):
         notes.append("~ timed apart from the baseline")
-    table.caption = "; ".join(notes + warned) or None
+    if warned:
+        warned.append("re-run ⚠ rows on a quiet machine before quoting them")
+    table.caption = "\n".join(["; ".join(notes)] * bool(notes) + warned) or None
     return table

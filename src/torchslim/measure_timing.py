@@ -96,27 +96,26 @@ def runners(model: nn.Module, inputs: Any, runtimes, onnx_path, threads, notes: 
     return out
 
 
-def timing_warnings(results: dict[str, dict[str, Any]], label: str = "") -> list[str]:
-    """Warnings for timings that should not be trusted as they stand (see module doc)."""
+def timing_warnings(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Short warnings for timings not to trust as they stand (see module doc)."""
     out = []
-    where = f" ({label})" if label else ""
     wide = {n: (v["p90_ms"] - v["p10_ms"]) / v["median_ms"] for n, v in results.items()
             if v.get("median_ms")}
     wide = {n: s for n, s in wide.items() if s > SPREAD_WARN}
     if wide:
-        spread = ", ".join(f"{n} p10-p90 spans {100 * s:.0f}% of the median" for n, s in wide.items())
-        out.append(f"latency{where}: wide spread ({spread}); re-run on a quiet machine before quoting it")
+        spans = ", ".join(f"{100 * s:.0f}% ({n})" for n, s in wide.items())
+        out.append(f"wide spread: p10-p90 spans {spans} of the median")
     load = next((v.get("load") for v in results.values() if v.get("load")), None)
     if load:
         if load["cpu_share"] < STARVED_WARN:
-            out.append(f"latency{where}: the timing thread ran only {100 * load['cpu_share']:.0f}% of the wall "
-                       "time: another process or thread holds the CPU")
+            out.append(f"contended: the timing thread ran {100 * load['cpu_share']:.0f}% of the wall time "
+                       "(another process or thread holds the CPU)")
         if load["extra_cores"] >= BUSY_WARN:
-            out.append(f"latency{where}: {load['extra_cores']:.1f} core(s) of extra work ran in this process "
-                       "while timing (a busy thread): the figures are contended")
+            out.append(f"contended: {load['extra_cores']:.1f} core(s) of other work in this process "
+                       "while timing (a busy thread)")
         if load.get("other_cores") is not None and load["other_cores"] >= 0.5 and not out:
-            out.append(f"latency{where}: other processes used {load['other_cores']:.1f} core(s) of "
-                       f"{load['cores']} while timing")
+            out.append(f"busy machine: other processes used {load['other_cores']:.1f} of "
+                       f"{load['cores']} cores while timing")
     return out
 
 

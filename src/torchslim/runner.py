@@ -6,9 +6,9 @@ with seed ``recipe.seed + i``, so a resumed run computes the same numbers as an 
 one. Artifacts are written atomically; a half-written file is never visible.
 
 Stage checkpoints hold whole modules (compressed models carry codebooks, masks, quantized
-tensors that no fixed state_dict layout describes), so they are pickled (``checkpoint.py``)
-and read back with ``weights_only=False``: they are this run's own files in its own output
-directory, never user input. User-supplied weights are read with ``weights_only=True``.
+tensors that no fixed state_dict layout describes). They are read back with
+``weights_only=True`` and an allowlist of module classes (``checkpoint.py``): an output folder
+is not trusted input, and a planted checkpoint is refused in one line, never run.
 """
 
 from __future__ import annotations
