@@ -26,4 +26,5 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[all,bench]"  # B2's OpenVINO/NNCF peers (no other torch)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/run.py all
