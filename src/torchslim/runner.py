@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 import platform
 import time
 from collections.abc import Callable
@@ -30,6 +31,14 @@ from .export.weights import load_weights, save_weights
 from .isa import machine_facts
 from .measure import MeasureConfig, Record, measure
 from .recipe import Recipe, Stage, load_recipe
+from .run_state import (
+    RunStateError,
+    clean_outputs,
+    folder_lock,
+    recipe_keys,
+    resume_point,
+    sweep_temp_files,
+)
 from .stage import apply_stage, training_hooks
 from .train import fit
 from .utils import atomic_write, atomic_write_text, seed_everything
@@ -43,33 +52,50 @@ def run_recipe(recipe: Recipe | str | Path | dict, out: str | Path | None = None
     """Run every stage of recipe, measuring after each; return (and write) the run summary."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     out_dir = Path(out or recipe.spec.out or "out")
+    with folder_lock(out_dir):
+        return _run(recipe, out_dir, resume, log)
+
+
+def _run(recipe: Recipe, out_dir: Path, resume: bool, log: Progress) -> dict[str, Any]:
     state_dir = out_dir / ".state"
     start = time.perf_counter()
+    swept = sweep_temp_files(out_dir)
+    if swept:
+        log(f"removed {len(swept)} temp file(s) an interrupted write left: {', '.join(swept[:3])}")
     mcfg = MeasureConfig(batch_size=recipe.spec.measure.batch_size, threads=recipe.spec.measure.threads,
                          repeats=recipe.spec.measure.repeats)
     task = build_task(recipe.task.name, **recipe.task.kwargs)
+    keys = recipe_keys(recipe.source)
     state = _load_state(state_dir) if resume else None
     if state is None:
+        removed = clean_outputs(out_dir)
+        if removed:
+            log(f"cleaned the outputs of an earlier run in {out_dir}: {', '.join(removed[:4])}"
+                + (", ..." if len(removed) > 4 else ""))
         model = _baseline(recipe, task, log)
         reference = copy.deepcopy(model).eval()  # later stages may change the model in place
         rows = [_measure(model, task, mcfg, out_dir, "baseline", None, {})]
-        save_module(model, state_dir / "baseline.pt")  # teacher for distillation stages
-        state = {"done": 0, "ckpt_done": 0, "rows": rows, "timings": {"baseline": round(time.perf_counter() - start, 2)}}
+        state = {"done": 0, "checkpointed": [], "keys": keys, "rows": rows,
+                 "timings": {"baseline": round(time.perf_counter() - start, 2)}}
         _save_state(state_dir, model, state, log)
+        if 0 not in state["checkpointed"]:
+            raise RunStateError("the baseline model cannot be checkpointed, so no stage can resume from it")
     else:
-        model = load_module(state_dir / "model.pt")
-        reference = load_module(state_dir / "baseline.pt").eval()
-        state["done"] = state["ckpt_done"]  # stages after the last checkpointable model run again
-        state["rows"] = state["rows"][: state["done"] + 1]
-        log(f"resuming after stage {state['done']} of {len(recipe.stages)}")
+        first = resume_point(state, keys, state.get("checkpointed", []))
+        model = load_module(_ckpt(state_dir, first))
+        reference = load_module(_ckpt(state_dir, 0)).eval()
+        state["done"], state["keys"] = first, {"baseline": keys["baseline"], "stages": keys["stages"]}
+        state["rows"] = state["rows"][: first + 1]
+        state["checkpointed"] = [i for i in state["checkpointed"] if i <= first]
+        log(f"resuming after stage {first} of {len(recipe.stages)}")
     for i, stage in enumerate(recipe.stages):
         if i < state["done"]:
             continue
         t0 = time.perf_counter()
         log(f"stage {stage.name}: {stage.technique}")
-        config = _with_teacher(stage.config, state_dir / "baseline.pt")
+        config = _with_teacher(stage.config, _ckpt(state_dir, 0))
         model, info, save = _run_stage(model, stage, config, task, recipe.spec.seed + i + 1)
-        state["rows"].append(_measure(model, task, mcfg, out_dir, stage.name, save, info, reference))
+        state["rows"].append(_measure(model, task, mcfg, out_dir, stage.name, save, info, reference, i + 1))
         state["done"] = i + 1
         state["timings"][stage.name] = round(time.perf_counter() - t0, 2)
         _save_state(state_dir, model, state, log)
@@ -77,6 +103,11 @@ def run_recipe(recipe: Recipe | str | Path | dict, out: str | Path | None = None
     summary = _summary(recipe, state, exports, time.perf_counter() - start)
     atomic_write_text(out_dir / "run.json", json.dumps(summary, indent=2, default=_jsonable))
     return summary
+
+
+def _ckpt(state_dir: Path, index: int) -> Path:
+    """The model after stage ``index`` (0 = the baseline, also the distillation teacher)."""
+    return state_dir / ("baseline.pt" if index == 0 else f"stage-{index}.pt")
 
 
 def _baseline(recipe: Recipe, task, log: Progress) -> nn.Module:
@@ -108,11 +139,12 @@ def _run_stage(model: nn.Module, stage: Stage, config: Any, task, seed: int):
     return model, info, result.save
 
 
-def _measure(model, task, mcfg, out_dir: Path, name: str, save, info, reference=None) -> dict[str, Any]:
+def _measure(model, task, mcfg, out_dir: Path, name: str, save, info, reference=None, index: int = 0) -> dict[str, Any]:
     """Measure after a stage; the stage's own compact format (if any) gives the bytes. The
     baseline (``reference``) is timed interleaved with the stage's model, in the same process
     and repeats, so the row's speedup does not depend on when each was measured."""
-    artifact = out_dir / "artifacts" / f"{_slug(name)}"
+    # numbered, so stage names that slug alike ("a/b", "a_b") never write the same file
+    artifact = out_dir / "artifacts" / f"{index:02d}-{_slug(name)}"
     if save is not None:
         path = artifact.with_suffix(".bin")
         atomic_write(path, lambda p: save(model, str(p)))
@@ -172,22 +204,33 @@ def _summary(recipe: Recipe, state: dict, exports: dict, seconds: float) -> dict
 
 
 def _save_state(state_dir: Path, model: nn.Module, state: dict, log: Progress) -> None:
-    """Checkpoint the model and the rows. A model that cannot be pickled (e.g. one holding a
-    runtime session) is not checkpointed: a resume then restarts from the last one that was."""
+    """Checkpoint the model after stage ``state['done']`` and the rows. Every stage keeps its
+    checkpoint, so a resume after a changed stage starts from the one before it. A model that
+    cannot be serialized (an exotic module state) is not checkpointed: a resume then restarts
+    from the last one that was."""
+    done = state["done"]
     try:
-        save_module(model, state_dir / "model.pt")
-        state["ckpt_done"] = state["done"]
-    except Exception as exc:  # noqa: BLE001 - keep the run going; resume just redoes this stage
-        log(f"note: model after stage {state['done']} cannot be checkpointed ({type(exc).__name__}); "
-            f"a resume restarts after stage {state['ckpt_done']}")
+        save_module(model, _ckpt(state_dir, done))
+        state["checkpointed"] = sorted(set(state["checkpointed"]) | {done})
+    except (pickle.PicklingError, TypeError, AttributeError, RuntimeError) as exc:
+        # not OSError: a full disk or a permission error must stop the run, not be swallowed
+        last = max(state["checkpointed"], default=0)
+        log(f"note: model after stage {done} cannot be checkpointed ({type(exc).__name__}: {str(exc)[:120]}); "
+            f"a resume restarts after stage {last}")
     atomic_write_text(state_dir / "state.json", json.dumps(state, default=_jsonable))
 
 
 def _load_state(state_dir: Path) -> dict | None:
     path = state_dir / "state.json"
-    if not path.exists() or not (state_dir / "model.pt").exists():
+    if not path.exists():
         return None
-    return json.loads(path.read_text())
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RunStateError(f"--resume: {str(path)!r} is damaged; run again without --resume") from None
+    if not isinstance(state, dict) or not isinstance(state.get("rows"), list) or "done" not in state:
+        raise RunStateError(f"--resume: {str(path)!r} is not a torchslim run state; run without --resume")
+    return state
 
 
 def _jsonable(obj: Any) -> Any:

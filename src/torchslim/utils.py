@@ -24,11 +24,22 @@ def seed_everything(seed: int) -> torch.Generator:
     return gen
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """Call write(tmp_path) then rename tmp_path onto path, so readers never see a partial file."""
+    """Call write(tmp_path) then rename tmp_path onto path, so readers never see a partial file.
+    The file gets the mode a plain ``open`` would give (0666 less the umask), not mkstemp's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_UMASK)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
