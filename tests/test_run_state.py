@@ -79,3 +79,33 @@ def test_fresh_run_cleans_the_folder_and_sweeps_temp_files(tmp_path):
     os.umask(mask)
     for f in ("run.json", "model.tsla") if (out / "model.tsla").exists() else ("run.json",):
         assert (out / f).stat().st_mode & 0o777 == 0o666 & ~mask  # the user's umask, not 0600
+
+
+def test_guard_flags_a_collapse_and_can_stop_the_run(tmp_path):
+    """Guards are on by default (issue 10, point 5): a stage that loses more than guard.max_drop
+    (0.02) is flagged in run.json and the table; guard.error stops the run; an untrained zoo
+    model is flagged at the baseline."""
+    from torchslim.measure import Record, format_records
+    from torchslim.runner import GuardError
+
+    trained = copy.deepcopy(RECIPE)
+    trained["train"] = {"epochs": 3, "lr": 0.003, "device": "cpu"}
+    trained["stages"] = [{"prune": {"sparsity": 0.995}, "name": "collapse"}]
+    run = run_recipe(trained, out=tmp_path / "a", log=_quiet)
+    base, row = run["rows"]
+    assert base["metric"] - row["metric"] > 0.02
+    assert base["flags"] == [] and "more than guard.max_drop 0.02" in row["flags"][0]
+    from rich.console import Console
+
+    con = Console(record=True, width=250)
+    con.print(format_records([Record.from_dict(r) for r in run["rows"]]))
+    assert "⚑ collapse: accuracy dropped" in con.export_text()
+    trained["guard"] = {"max_drop": 0.05, "error": True}
+    with pytest.raises(GuardError, match="stage 'collapse'"):
+        run_recipe(trained, out=tmp_path / "b", log=_quiet)
+    untrained = copy.deepcopy(RECIPE)
+    untrained["stages"] = untrained["stages"][:1]
+    run = run_recipe(untrained, out=tmp_path / "c", log=_quiet)
+    assert "neither trained" in run["rows"][0]["flags"][0]
+    with pytest.raises(TorchslimError, match="guard.max_drop"):
+        run_recipe({**untrained, "guard": {"max_drop": 2}}, out=tmp_path / "d", log=_quiet)

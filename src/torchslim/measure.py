@@ -136,6 +136,7 @@ class Record:
     speedup_basis: str | None = None  # "median", or "p10" when the timing was contended
     reference_latency: dict[str, float] | None = None
     warnings: list[str] = field(default_factory=list)  # figures not to trust as they stand
+    flags: list[str] = field(default_factory=list)  # quality flags (the runner's guard, untrained)
     machine: dict[str, Any] = field(default_factory=dict)  # CPU, ISA facts, threads (isa.py)
 
     def to_dict(self) -> dict[str, Any]:

@@ -59,6 +59,9 @@ def format_records(records: Sequence[Record]):
         ratio = f"{first.bytes / r.bytes:.1f}×" if r.bytes else "-"
         lat = [f"{v['median_ms']:.3f} {r.runtime_labels.get(rt, rt)}" for rt, v in r.latency.items()]
         speed = _speed_cells(r, first, base)
+        if r.flags:
+            metric = f"{metric} ⚑"
+            warned.append(f"⚑ {r.stage or '-'}: {'; '.join(r.flags)}")
         if r.warnings:
             warned.append(f"⚠ {r.stage or '-'}: {'; '.join(r.warnings)}")
             speed = [f"{c} ⚠" for c in speed]

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .errors import ConfigError, TorchslimError
 from .stage import stage_names
@@ -55,6 +55,15 @@ class MeasureSpec(_Strict):
     repeats: int = 20
 
 
+class GuardSpec(_Strict):
+    """Quality guard, on by default: a stage whose metric is more than ``max_drop`` below the
+    baseline's (absolute, in metric units: 0.02 = 2 points of accuracy) is flagged in the table,
+    the report and run.json; with ``error: true`` the run stops there (exit code 2)."""
+
+    max_drop: float = Field(0.02, ge=0.0, le=1.0)
+    error: bool = False
+
+
 class RecipeSpec(_Strict):
     """The raw recipe as written (stages still as mappings)."""
 
@@ -65,6 +74,7 @@ class RecipeSpec(_Strict):
     stages: list[dict[str, Any]] = []
     export: list[str] = []
     measure: MeasureSpec = MeasureSpec()
+    guard: GuardSpec = GuardSpec()
     out: str | None = None
     name: str | None = None
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_module, save_module
+from .errors import TorchslimError
 from .export.weights import load_weights, save_weights
 from .isa import machine_facts
 from .measure import MeasureConfig, Record, measure
@@ -42,7 +43,7 @@ from .run_state import (
 from .stage import apply_stage, training_hooks
 from .train import fit
 from .utils import atomic_write, atomic_write_text, seed_everything
-from .zoo import build_model, build_task
+from .zoo import MODELS, PRETRAINED, build_model, build_task
 
 Progress = Callable[[str], None]
 
@@ -75,6 +76,11 @@ def _run(recipe: Recipe, out_dir: Path, resume: bool, log: Progress) -> dict[str
         model = _baseline(recipe, task, log)
         reference = copy.deepcopy(model).eval()  # later stages may change the model in place
         rows = [_measure(model, task, mcfg, out_dir, "baseline", None, {})]
+        if _untrained(recipe):
+            msg = (f"model {recipe.model.name!r} was neither trained (no `train:` block) nor given weights "
+                   "(`model.weights`): compressing a randomly initialized model")
+            rows[0].setdefault("flags", []).append(msg)
+            log(f"warning: {msg}")
         state = {"done": 0, "checkpointed": [], "keys": keys, "rows": rows,
                  "timings": {"baseline": round(time.perf_counter() - start, 2)}}
         _save_state(state_dir, model, state, log)
@@ -97,8 +103,12 @@ def _run(recipe: Recipe, out_dir: Path, resume: bool, log: Progress) -> dict[str
         model, info, save = _run_stage(model, stage, config, task, recipe.spec.seed + i + 1)
         state["rows"].append(_measure(model, task, mcfg, out_dir, stage.name, save, info, reference, i + 1))
         state["done"] = i + 1
+        violation = _guard(state["rows"][0], state["rows"][-1], recipe.spec.guard, log)
         state["timings"][stage.name] = round(time.perf_counter() - t0, 2)
         _save_state(state_dir, model, state, log)
+        if violation and recipe.spec.guard.error:
+            raise GuardError(f"stage {stage.name!r}: {violation} (guard.error is true; raise guard.max_drop "
+                             "or fix the stage, then --resume)")
     exports = _export(model, task, recipe, out_dir, log)
     summary = _summary(recipe, state, exports, time.perf_counter() - start)
     atomic_write_text(out_dir / "run.json", json.dumps(summary, indent=2, default=_jsonable))
@@ -120,6 +130,30 @@ def _baseline(recipe: Recipe, task, log: Progress) -> nn.Module:
         log(f"baseline: training {recipe.model.name} on {task.name}")
         fit(model, task, recipe.train)
     return model
+
+
+class GuardError(TorchslimError):
+    """A stage lost more of the metric than the recipe's guard allows (guard.error: true)."""
+
+
+def _untrained(recipe: Recipe) -> bool:
+    """A zoo model that starts from random init, with no training and no weights."""
+    name = recipe.model.name
+    return recipe.train is None and not recipe.model.weights and name in MODELS and name not in PRETRAINED
+
+
+def _guard(base: dict, row: dict, guard, log: Progress) -> str | None:
+    """Flag row (in place) when its metric is more than guard.max_drop below the baseline's."""
+    if base.get("metric") is None or row.get("metric") is None:
+        return None
+    drop = base["metric"] - row["metric"]
+    if drop <= guard.max_drop + 1e-12:
+        return None
+    msg = (f"{row.get('metric_name') or 'metric'} dropped {drop:.4f} ({base['metric']:.4f} -> {row['metric']:.4f}), "
+           f"more than guard.max_drop {guard.max_drop:g}")
+    row.setdefault("flags", []).append(msg)
+    log(f"warning: stage {row.get('stage')}: {msg}")
+    return msg
 
 
 def _with_teacher(config: Any, baseline_path: Path) -> Any:

@@ -50,12 +50,15 @@ def stage_table(run: dict[str, Any]) -> str:
         delta = None if r.get("metric") is None or base.get("metric") is None else r["metric"] - base["metric"]
         ratio = base["bytes"] / r["bytes"] if r.get("bytes") else None
         speed = _speed(r, base_lat, lat, i == 0)
+        if r.get("flags"):
+            warnings += [f"⚑ {r.get('stage')}: {w}" for w in r["flags"]]
         if r.get("warnings"):
             warnings += [f"{r.get('stage')}: {w}" for w in r["warnings"]]
             speed = f"{speed} ⚠" if speed else "⚠"
         spread = f"{timing['p10_ms']:.3g}–{timing['p90_ms']:.3g}" if "p10_ms" in timing else None
         label = (r.get("runtime_labels") or {}).get(rt, rt)
-        cells = [r.get("stage"), r.get("metric"), delta, r.get("params"), r.get("nonzeros"), r.get("bytes"),
+        stage = f"{r.get('stage')} ⚑" if r.get("flags") else r.get("stage")
+        cells = [stage, r.get("metric"), delta, r.get("params"), r.get("nonzeros"), r.get("bytes"),
                  f"{ratio:.1f}×" if ratio else None, r.get("macs_per_sample"), lat, label, speed, spread]
         out.append("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in cells) + "</tr>")
     notes = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)

@@ -26,6 +26,10 @@ TASKS: dict[str, Callable[..., Task]] = {
 }
 
 
+# zoo models whose builder loads trained weights; the others start from random init
+PRETRAINED = {"minilm"}
+
+
 def register_model(name: str):
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         MODELS[name] = fn
