@@ -61,6 +61,9 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     if args.weights:
         load_weights(model, args.weights)
     task.check_model(model)
+    from .data_check import check_task_and_model
+
+    check_task_and_model(task, model, training=False)
     record = measure(model, task, MeasureConfig(batch_size=args.batch_size, threads=args.threads),
                      saved_path=args.weights, stage=args.model)
     console().print(format_records([record]))

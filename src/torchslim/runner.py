@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_module, save_module
+from .data_check import check_task_and_model
 from .errors import TorchslimError
 from .export.weights import load_weights, save_weights
 from .isa import machine_facts
@@ -126,6 +127,8 @@ def _baseline(recipe: Recipe, task, log: Progress) -> nn.Module:
     if recipe.model.weights:
         load_weights(model, recipe.model.weights)
     task.check_model(model)
+    check_task_and_model(task, model, training=recipe.train is not None or any(
+        s.finetune is not None or s.technique in ("train", "distill") for s in recipe.stages))
     if recipe.train is not None:
         log(f"baseline: training {recipe.model.name} on {task.name}")
         fit(model, task, recipe.train)
@@ -195,6 +198,12 @@ def _measure(model, task, mcfg, out_dir: Path, name: str, save, info, reference=
 
 
 def _export(model, task, recipe: Recipe, out_dir: Path, log: Progress) -> dict[str, str]:
+    # A model that runs an ONNX Runtime graph has no PyTorch weights: its state dict is
+    # empty, so a safetensors file (or an archive) of it would hold nothing. Refuse first.
+    empty = [k for k in recipe.spec.export if k in ("safetensors", "archive")]
+    if empty and isinstance(getattr(model, "onnx_bytes", None), (bytes, bytearray)):
+        raise TorchslimError(f"export {empty[0]}: the model runs in ONNX Runtime and has no PyTorch weights "
+                             "to write; use export: [onnx] (the runtime graph with its weights)")
     done = {}
     for kind in recipe.spec.export:
         if kind == "safetensors":

@@ -21,8 +21,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .errors import check
-from .task import Task, call_model
+from .errors import TorchslimError, check
+from .task import Task, as_tensor, call_model
 from .utils import atomic_write, default_device, seed_everything, to_device
 
 OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam")
@@ -163,7 +163,10 @@ def fit(
         for inputs, targets in loader:
             if cfg.max_steps is not None and state["step"] >= cfg.max_steps:
                 break
-            loss = _train_step(model, inputs, targets, task, cfg, hooks, opt, scaler, device, use_amp)
+            try:
+                loss = _train_step(model, inputs, targets, task, cfg, hooks, opt, scaler, device, use_amp)
+            except TrainingError as exc:
+                raise TrainingError(f"step {state['step'] + 1} (epoch {state['epoch'] + 1}): {exc}") from None
             state["step"] += 1
             for hook in hooks:
                 if hasattr(hook, "after_step"):
@@ -185,6 +188,30 @@ def fit(
     return FitResult(state["epoch"], state["step"], state["best_val"], state["history"], stopped_early, resumed_from)
 
 
+class TrainingError(TorchslimError, FloatingPointError):
+    """Training cannot go on (a non-finite loss); the message names the step and the cause."""
+
+
+def _why_not_finite(model, inputs, outputs, loss, cfg) -> str:
+    """Which of inputs, weights, outputs or the loss went non-finite first."""
+    from .data_check import _tensors
+
+    for name, t in _tensors(inputs):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            return f"training loss is {loss.item()} because the batch's {name} hold NaN/Inf; clean the data"
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p.detach()).all():
+            return f"training loss is {loss.item()}: weight {name} is NaN/Inf (diverged); lower TrainConfig.lr (now {cfg.lr})"
+    out = as_tensor(outputs)
+    if out.is_floating_point() and not torch.isfinite(out.detach()).all():
+        top = max((float(p.detach().abs().max()) for p in model.parameters() if p.numel()), default=0.0)
+        if top > 1e6:
+            return (f"training loss is {loss.item()}: the weights diverged (|w| up to {top:.2g}) and the outputs "
+                    f"overflowed; lower TrainConfig.lr (now {cfg.lr})")
+        return f"training loss is {loss.item()}: the model's outputs are NaN/Inf on finite inputs and weights"
+    return f"training loss became {loss.item()}; lower TrainConfig.lr (now {cfg.lr}) or the l1/l2 penalties"
+
+
 def _train_step(model, inputs, targets, task, cfg, hooks, opt, scaler, device, use_amp) -> float:
     inputs, targets = to_device(inputs, device), to_device(targets, device)
     with torch.autocast(device_type=device.type, enabled=use_amp):
@@ -195,7 +222,7 @@ def _train_step(model, inputs, targets, task, cfg, hooks, opt, scaler, device, u
                 loss = loss + hook.extra_loss(model, inputs, outputs, targets)
     loss = loss + penalty(model, cfg.l1, cfg.l2)
     if not math.isfinite(loss.item()):
-        raise FloatingPointError(f"training loss became {loss.item()}; lower TrainConfig.lr (now {cfg.lr})")
+        raise TrainingError(_why_not_finite(model, inputs, outputs, loss, cfg))
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if cfg.grad_clip is not None:
