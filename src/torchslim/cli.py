@@ -79,6 +79,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output directory (default: the recipe's `out`, else out/)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished stage")
     p.add_argument("--no-report", action="store_true", help="do not write report.html")
+    p.add_argument("--trust-code", action="store_true",
+                   help="allow the recipe's 'package.module:function' task/model/teacher specs to be imported and run "
+                        "(the current folder is importable); built-in tasks and models need no flag")
     p.set_defaults(func=_cmd_run)
 
 
@@ -102,7 +105,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     con = console()
     recipe = load_recipe(args.recipe)  # every error surfaces here, before any work
-    summary = run_recipe(recipe, out=args.out, resume=args.resume, log=lambda m: con.print(m, markup=False))
+    summary = run_recipe(recipe, out=args.out, resume=args.resume, log=lambda m: con.print(m, markup=False),
+                         trust_code=args.trust_code)
     con.print(format_records([Record.from_dict(r) for r in summary["rows"]]))
     out = args.out or recipe.spec.out or "out"
     if not args.no_report:

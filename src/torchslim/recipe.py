@@ -75,6 +75,8 @@ class RecipeSpec(_Strict):
     export: list[str] = []
     measure: MeasureSpec = MeasureSpec()
     guard: GuardSpec = GuardSpec()
+    # modules this recipe imports code from ("pkg.mod:fn" specs); approved by --trust-code
+    trust_code: list[str] = []
     out: str | None = None
     name: str | None = None
 
@@ -85,6 +87,26 @@ class Stage:
     technique: str
     config: Any
     finetune: TrainConfig | None = None
+
+
+def code_specs(source: dict[str, Any]) -> list[str]:
+    """Every 'package.module:function' a recipe names (task, model, distillation teacher):
+    each one is imported and called, i.e. runs code of the recipe author's choosing."""
+    found = []
+
+    def walk(obj: Any, path: str) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(obj, list):
+            for i, v in enumerate(obj):
+                walk(v, f"{path}[{i}]")
+        elif isinstance(obj, str) and (path.endswith(("task", "task.name", "model", "model.name", "teacher"))
+                                       and obj.count(":") == 1 and "/" not in obj):
+            found.append(obj)
+
+    walk(source, "")
+    return found
 
 
 @dataclasses.dataclass

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import pickle
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, is_dataclass, replace
@@ -32,7 +34,7 @@ from .errors import TorchslimError
 from .export.weights import load_weights, save_weights
 from .isa import machine_facts
 from .measure import MeasureConfig, Record, measure
-from .recipe import Recipe, Stage, load_recipe
+from .recipe import Recipe, Stage, code_specs, load_recipe
 from .run_state import (
     RunStateError,
     clean_outputs,
@@ -50,9 +52,15 @@ Progress = Callable[[str], None]
 
 
 def run_recipe(recipe: Recipe | str | Path | dict, out: str | Path | None = None, resume: bool = False,
-               log: Progress = print) -> dict[str, Any]:
-    """Run every stage of recipe, measuring after each; return (and write) the run summary."""
+               log: Progress = print, trust_code: bool = False) -> dict[str, Any]:
+    """Run every stage of recipe, measuring after each; return (and write) the run summary.
+
+    A recipe that names code ('package.module:function' for its task, model or teacher) runs
+    that code: it is refused unless ``trust_code`` (CLI ``--trust-code``) approves it, and when
+    the recipe lists ``trust_code: [modules]`` only those modules may be named. Approved, the
+    current folder is importable, so a ``my_task.py`` beside the recipe is found."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    _approve_code(recipe, trust_code)
     out_dir = Path(out or recipe.spec.out or "out")
     with folder_lock(out_dir):
         return _run(recipe, out_dir, resume, log)
@@ -114,6 +122,23 @@ def _run(recipe: Recipe, out_dir: Path, resume: bool, log: Progress) -> dict[str
     summary = _summary(recipe, state, exports, time.perf_counter() - start)
     atomic_write_text(out_dir / "run.json", json.dumps(summary, indent=2, default=_jsonable))
     return summary
+
+
+def _approve_code(recipe: Recipe, trust_code: bool) -> None:
+    specs = code_specs(recipe.source)
+    if not specs:
+        return
+    modules = sorted({s.split(":")[0] for s in specs})
+    if not trust_code:
+        raise TorchslimError(f"recipe names code to import and run ({', '.join(specs[:3])}); if you trust it, "
+                             f"pass --trust-code (run_recipe(..., trust_code=True)); built-in tasks and models "
+                             "need no flag")
+    listed = recipe.spec.trust_code
+    unlisted = [m for m in modules if listed and m not in listed]
+    if unlisted:
+        raise TorchslimError(f"recipe imports {unlisted} but its trust_code lists only {listed}; add them there")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 def _ckpt(state_dir: Path, index: int) -> Path:
