@@ -141,16 +141,92 @@ def load_recipe(path_or_data: str | Path | dict[str, Any]) -> Recipe:
     return Recipe(spec, task, model, train, stages, data)
 
 
+MAX_RECIPE_BYTES = 1 << 20  # 1 MiB: a recipe is a page of settings, not data
+MAX_ALIASES = 64  # YAML aliases (*ref); a "billion laughs" bomb needs thousands
+MAX_DEPTH = 32  # nesting of mappings/lists
+MAX_VALUES = 100_000  # values after aliases are expanded (run.json writes them out)
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate keys, alias bombs and deep nesting."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._aliases = 0
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                raise RecipeError(f"recipe: more than {MAX_ALIASES} YAML aliases (*ref); write the values out")
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise RecipeError(f"recipe: nested more than {MAX_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (list, dict)):
+                raise RecipeError(f"recipe line {key_node.start_mark.line + 1}: a key must be a plain value")
+            if key in seen:
+                raise RecipeError(f"recipe line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise RecipeError(f"recipe: duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _depth(obj: Any, limit: int = MAX_DEPTH) -> None:
+    stack, seen = [(obj, 1)], 0
+    while stack:
+        o, d = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise RecipeError(f"recipe: expands to more than {MAX_VALUES:,} values (YAML aliases?); write it out plainly")
+        if d > limit:
+            raise RecipeError(f"recipe: nested more than {limit} levels deep")
+        if isinstance(o, dict):
+            stack += [(v, d + 1) for v in o.values()]
+        elif isinstance(o, list):
+            stack += [(v, d + 1) for v in o]
+
+
 def _read(path: str | Path) -> Any:
+    """Parse a recipe file: UTF-8, at most MAX_RECIPE_BYTES, JSON or safe YAML without
+    duplicate keys, alias bombs or deep nesting; each problem is one RecipeError line."""
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"recipe: file {str(p)!r} does not exist")
-    text = p.read_text()
+    size = p.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe: {str(p)!r} is {size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,}")
     try:
-        return json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe: {str(p)!r} is not UTF-8 text (byte {exc.start})") from None
+    is_json = p.suffix == ".json"
+    try:
+        data = json.loads(text, object_pairs_hook=_no_duplicates) if is_json else yaml.load(text, Loader=_RecipeLoader)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         first = " ".join(str(exc).split())[:160]
-        raise RecipeError(f"recipe: {str(p)!r} is not valid {'JSON' if p.suffix == '.json' else 'YAML'} ({first})") from None
+        raise RecipeError(f"recipe: {str(p)!r} is not valid {'JSON' if is_json else 'YAML'} ({first})") from None
+    except RecursionError:
+        raise RecipeError(f"recipe: nested more than {MAX_DEPTH} levels deep") from None
+    _depth(data)
+    return data
 
 
 def _build_stage(raw: Any, path: str, index: int) -> Stage:
