@@ -47,16 +47,26 @@ def _with(path, value):
 @pytest.mark.parametrize(
     "path,value,expected",
     [
-        (("stages", 0, "train", "lr"), -1, "stages[0].train.lr: must be > 0, got -1"),
+        (("stages", 0, "train", "lr"), -1, "stages[0].train.lr: must be a finite number in (0, 10], got -1"),
         (("stages", 1, "finetune", "optimizer"), "Adamm", "stages[1].finetune.optimizer: unknown torch.optim optimizer 'Adamm'"),
         (("stages", 0, "train", "epochs"), "many", "stages[0].train.epochs: input should be a valid integer"),
         (("stages", 0, "train", "epoch"), 3, "stages[0].train.epoch: unknown field of TrainConfig"),
         (("stages", 1), {"prunee": {}}, "stages[1].prunee: unknown technique"),
-        (("measure", "batch_size"), 0, "measure.batch_size: must be >= 1"),
+        (("measure", "batch_size"), 0, "measure.batch_size: input should be greater than or equal to 1"),
         (("export",), ["zip"], "export[0]: unknown export 'zip'"),
         (("seed",), "x", "seed: input should be a valid integer"),
         (("colour",), 1, "colour: unknown key"),
-        (("train", "l1"), -0.5, "train.l1: must be >= 0"),
+        (("train", "l1"), -0.5, "train.l1: must be a finite number in [0, 1]"),
+        # upper bounds and non-finite values (issue 12): these used to hang or die in training
+        (("train", "lr"), float("inf"), "train.lr: must be a finite number in (0, 10], got inf"),
+        (("train", "l2"), 1e30, "train.l2: must be a finite number in [0, 1]"),
+        (("train", "epochs"), 10**9, "train.epochs: must be an integer in [0, 100000]"),
+        (("train", "optimizer_kwargs"), {"eps": float("nan")}, "train.optimizer_kwargs.eps: must be finite"),
+        (("train", "optimizer_kwargs"), {"betas2": 0.9}, "train.optimizer_kwargs.betas2: Adam takes no 'betas2'"),
+        (("train", "device"), "banana", "train.device: not a torch device: 'banana'"),
+        (("seed",), True, "seed: input should be a valid integer"),
+        (("seed",), 2**63, "seed: input should be less than or equal to"),
+        (("measure", "batch_size"), 10**9, "measure.batch_size: input should be less than or equal to 65536"),
     ],
 )
 def test_errors_name_the_path_inside_the_recipe(path, value, expected):

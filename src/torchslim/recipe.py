@@ -50,9 +50,9 @@ class ModelSpec(_Strict):
 
 
 class MeasureSpec(_Strict):
-    batch_size: int = 256
-    threads: int | None = None
-    repeats: int = 20
+    batch_size: int = Field(256, ge=1, le=65_536, strict=True)
+    threads: int | None = Field(None, ge=1, le=1024, strict=True)
+    repeats: int = Field(20, ge=1, le=10_000, strict=True)
 
 
 class GuardSpec(_Strict):
@@ -69,7 +69,7 @@ class RecipeSpec(_Strict):
 
     task: str | TaskSpec
     model: str | ModelSpec
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1, strict=True)
     train: dict[str, Any] | None = None
     stages: list[dict[str, Any]] = []
     export: list[str] = []

@@ -71,19 +71,74 @@ class TrainConfig:
     progress: bool = False
 
     def __post_init__(self) -> None:
-        check(isinstance(self.epochs, int) and self.epochs >= 0, "TrainConfig.epochs", f"must be an integer >= 0, got {self.epochs!r}")
-        check(self.max_steps is None or self.max_steps >= 0, "TrainConfig.max_steps", f"must be >= 0 or None, got {self.max_steps!r}")
-        check(self.lr > 0, "TrainConfig.lr", f"must be > 0, got {self.lr!r}")
-        check(hasattr(torch.optim, self.optimizer) and self.optimizer[0].isupper(), "TrainConfig.optimizer",
-              f"unknown torch.optim optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
-        check(self.scheduler is None or hasattr(torch.optim.lr_scheduler, self.scheduler), "TrainConfig.scheduler",
+        # bounds on both sides: a budget of 1e9 epochs hangs, lr=inf validates and dies later
+        _int(self.epochs, "epochs", 0, MAX_EPOCHS)
+        self.max_steps is None or _int(self.max_steps, "max_steps", 0, MAX_STEPS)
+        _num(self.lr, "lr", 0.0, 10.0, low_open=True)
+        check(isinstance(self.optimizer, str) and hasattr(torch.optim, self.optimizer) and self.optimizer[0].isupper(),
+              "TrainConfig.optimizer", f"unknown torch.optim optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+        check(self.scheduler is None or (isinstance(self.scheduler, str) and hasattr(torch.optim.lr_scheduler, self.scheduler)
+                                         and self.scheduler[0].isupper()), "TrainConfig.scheduler",
               f"unknown torch.optim.lr_scheduler {self.scheduler!r}; e.g. StepLR, ExponentialLR, CosineAnnealingLR, ReduceLROnPlateau")
-        check(self.l1 >= 0, "TrainConfig.l1", f"must be >= 0, got {self.l1!r}")
-        check(self.l2 >= 0, "TrainConfig.l2", f"must be >= 0, got {self.l2!r}")
-        check(self.grad_clip is None or self.grad_clip > 0, "TrainConfig.grad_clip", f"must be > 0 or None, got {self.grad_clip!r}")
-        check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
-              "TrainConfig.early_stopping_patience", f"must be >= 1 or None, got {self.early_stopping_patience!r}")
+        _num(self.l1, "l1", 0.0, 1.0)
+        _num(self.l2, "l2", 0.0, 1.0)
+        self.grad_clip is None or _num(self.grad_clip, "grad_clip", 0.0, 1e6, low_open=True)
+        self.early_stopping_patience is None or _int(self.early_stopping_patience, "early_stopping_patience", 1, MAX_EPOCHS)
+        _int(self.seed, "seed", 0, 2**63 - 1)
+        _kwargs(self.optimizer_kwargs, "optimizer_kwargs", getattr(torch.optim, self.optimizer), skip=("params", "lr"))
+        if self.scheduler is not None:
+            _kwargs(self.scheduler_kwargs, "scheduler_kwargs", getattr(torch.optim.lr_scheduler, self.scheduler),
+                    skip=("optimizer",))
+        check(not self.scheduler_kwargs or self.scheduler is not None, "TrainConfig.scheduler_kwargs",
+              "given without a scheduler; set scheduler too")
+        _device(self.device)
         check(not self.resume or self.checkpoint_dir is not None, "TrainConfig.resume", "needs checkpoint_dir to resume from")
+
+
+MAX_EPOCHS = 100_000
+MAX_STEPS = 10**9
+
+
+def _int(value: Any, name: str, low: int, high: int) -> bool:
+    ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+    check(ok, f"TrainConfig.{name}", f"must be an integer in [{low}, {high}], got {value!r}")
+    return True
+
+
+def _num(value: Any, name: str, low: float, high: float, low_open: bool = False) -> bool:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    bracket = "(" if low_open else "["
+    check(ok, f"TrainConfig.{name}", f"must be a finite number in {bracket}{low:g}, {high:g}], got {value!r}")
+    return True
+
+
+def _kwargs(kwargs: Any, name: str, cls: type, skip: tuple[str, ...]) -> None:
+    """kwargs must be names of cls's constructor, with finite numbers (no nan/inf)."""
+    import inspect
+
+    check(isinstance(kwargs, dict), f"TrainConfig.{name}", f"must be a mapping, got {type(kwargs).__name__}")
+    params = inspect.signature(cls).parameters
+    known = [p for p in params if p not in skip and params[p].kind is not inspect.Parameter.VAR_KEYWORD]
+    for key, value in kwargs.items():
+        check(key in known, f"TrainConfig.{name}.{key}", f"{cls.__name__} takes no {key!r}; it takes {', '.join(known)}")
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            bad = isinstance(v, float) and not math.isfinite(v)
+            check(not bad and (not isinstance(v, (int, float)) or abs(v) <= 1e12), f"TrainConfig.{name}.{key}",
+                  f"must be finite and at most 1e12 in size, got {value!r}")
+
+
+def _device(device: Any) -> None:
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        check(False, "TrainConfig.device", f"not a torch device: {device!r}; use 'cpu', 'cuda', 'cuda:0' or null")
+    check(dev.type != "cuda" or torch.cuda.is_available(), "TrainConfig.device",
+          f"{device!r} asked for but CUDA is not available here; use 'cpu' or null")
+    check(dev.type in ("cpu", "cuda", "mps"), "TrainConfig.device", f"device type {dev.type!r} is not supported; use cpu or cuda")
 
 
 @dataclass
