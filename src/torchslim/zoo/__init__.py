@@ -53,7 +53,34 @@ def build_task(name: str, **kwargs: Any) -> Task:
     _ensure_optional_entries()
     if name not in TASKS:
         raise TaskError(f"unknown task {name!r}: choose one of {sorted(TASKS)} or 'package.module:function'")
+    _check_kwargs(TASKS[name], kwargs, f"task {name!r}")
     return TASKS[name](**kwargs)
+
+
+# sizes a bundled task takes, bounded on both sides (0 hangs or divides by zero; 1e9 exhausts memory)
+_SIZE_BOUNDS = {"batch_size": (1, 65_536), "num_samples": (10, 1_000_000), "n_sentences": (1, 100_000),
+                "calib_sentences": (0, 100_000), "val_sentences": (0, 100_000), "seed": (0, 2**63 - 1),
+                "width": (1, 65_536), "blocks": (1, 1_000), "num_classes": (1, 1_000_000)}
+
+
+def _check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], what: str) -> None:
+    """kwargs must name parameters of fn, and sizes must be integers within _SIZE_BOUNDS."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = [k for k in kwargs if k not in params]
+        if unknown:
+            raise TaskError(f"{what}: unknown kwarg {unknown[0]!r}; it takes {', '.join(params) or 'none'}")
+    hidden = kwargs.get("hidden")
+    if hidden is not None and not (isinstance(hidden, (list, tuple)) and hidden and all(
+            isinstance(h, int) and not isinstance(h, bool) and 1 <= h <= 65_536 for h in hidden)):
+        raise TaskError(f"{what}: kwargs.hidden must be a non-empty list of layer widths in [1, 65536], got {hidden!r}")
+    for key, (low, high) in _SIZE_BOUNDS.items():
+        if key in kwargs:
+            v = kwargs[key]
+            if not (isinstance(v, int) and not isinstance(v, bool) and low <= v <= high):
+                raise TaskError(f"{what}: kwargs.{key} must be an integer in [{low}, {high}], got {v!r}")
 
 
 def build_model(name: str, task: Task | None = None, **kwargs: Any) -> nn.Module:
@@ -66,6 +93,7 @@ def build_model(name: str, task: Task | None = None, **kwargs: Any) -> nn.Module
     _ensure_optional_entries()
     if name not in MODELS:
         raise TaskError(f"unknown model {name!r}: choose one of {sorted(MODELS)} or 'package.module:function'")
+    _check_kwargs(MODELS[name], kwargs, f"model {name!r}")
     if task is not None and task.input_shape is not None and "in_shape" not in kwargs:
         kwargs["in_shape"] = task.input_shape
     if task is not None and task.num_classes is not None and "num_classes" not in kwargs:
