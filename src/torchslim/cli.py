@@ -6,6 +6,7 @@ Bad input ends with one line on stderr and exit code 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Sequence
@@ -169,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_FAULTS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EACCES: "permission denied",
+           errno.EPERM: "operation not permitted", errno.EROFS: "read-only file system"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
@@ -178,6 +183,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TorchslimError as exc:
         print(f"torchslim: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in _FAULTS:
+            raise
+        # a fault of the machine, not of the input: one line, exit 1; writes are atomic, so no
+        # half-written file is left under a final name
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"torchslim: error: {_FAULTS[exc.errno]}{where}: {exc.strerror}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("torchslim: interrupted", file=sys.stderr)
         return 130

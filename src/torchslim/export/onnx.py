@@ -112,6 +112,8 @@ def _export_checked(model: nn.Module, example_inputs: Any, path: Path, cfg: Onnx
         try:
             atomic_write(path, lambda p, ex=exporter: _export_one(wrapped, args, names, dims, p, cfg.opset, ex))
             break
+        except OSError:  # a full disk or a permission error is not the model's fault: stop
+            raise
         except Exception as exc:  # noqa: BLE001 - the exporter's error becomes a one-line ExportError
             errors.append(f"{exporter}: {_unsupported(exc)}")
     else:

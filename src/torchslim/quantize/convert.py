@@ -12,7 +12,11 @@
   quantizes activations per token at run time), int8 weights only -> Int8WeightOnly, <= 4-bit
   weights only -> IntxWeightOnly int4.
 - "auto": builds both, times them side by side (interleaved, median) against the fp32 model
-  at the task's batch size, keeps the fastest and records every figure in the info.
+  at the task's batch size, keeps the fastest and records every figure in the info, with the
+  CPU's ISA. A path known to be slow on this CPU (torchao int8_dynamic in eager on x86 without
+  VNNI, ~20x slower than fp32 there; isa_plan.py) is not built, and says so in ``skipped``.
+- CPU-dependent ONNX Runtime choices (reduce_range, from ``ort_options`` or the ISA) are made
+  by isa_plan.py; the simulation uses the same weight grid (ptq.wrap).
 
 The simulated model is the reference: info carries the largest output difference between the
 real model and the simulation on one test batch.
@@ -22,15 +26,18 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .. import isa
 from ..errors import ConfigError
 from ..stage import StageResult
 from ..task import Task, as_tensor, call_model
+from .isa_plan import torchao_known_slow
 from .ort_backend import OrtModel, OrtQuantConfig, ort_quantize
 from .torchao_backend import TorchaoConfig, defake, save_torchao, torchao_quantize
 
@@ -118,7 +125,14 @@ def to_onnxruntime(model: nn.Module, plan: list[Any], cfg: Any, task: Task) -> S
 
 
 def to_torchao(model: nn.Module, plan: list[Any], cfg: Any, task: Task) -> StageResult:
-    q, info = torchao_quantize(model, torchao_config_from(cfg, plan))
+    tcfg = torchao_config_from(cfg, plan)
+    slow = torchao_known_slow(tcfg.scheme, tcfg.compile)
+    if slow:  # the user's explicit choice ("auto" never builds it): honoured, said once
+        warnings.warn(f"QuantConfig.backend='torchao' ({tcfg.scheme}): {slow}; backend='onnxruntime' is the "
+                      "fast int8 path on this CPU", stacklevel=3)
+    q, info = torchao_quantize(model, tcfg)
+    if slow:
+        info["known_slow_here"] = slow
     info["max_abs_diff_vs_simulated"] = _agreement(q, model, task.example_inputs())
     info["file_bytes"], info["file_format"] = saved_bytes(q), "torch.save state_dict (torchao)"
     return StageResult(q, info, save=save)
@@ -131,8 +145,14 @@ def auto(model: nn.Module, plan: list[Any], cfg: Any, task: Task) -> StageResult
     built: dict[str, StageResult] = {}
     skipped: dict[str, str] = {}
     for name, fn in (("onnxruntime", to_onnxruntime), ("torchao", to_torchao)):
+        slow = _known_slow(name, cfg, plan)
+        if slow:
+            skipped[name] = f"not built: known slow on this CPU ({isa.cpu_isa()['summary']}): {slow}"
+            continue
         try:
             built[name] = fn(model, plan, cfg, task)
+        except OSError:  # a full disk or a permission error is not the model's fault: stop
+            raise
         except Exception as exc:  # noqa: BLE001 - a backend that cannot take this model is skipped, with why
             skipped[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     if not built:
@@ -149,9 +169,19 @@ def auto(model: nn.Module, plan: list[Any], cfg: Any, task: Task) -> StageResult
         "chosen": best, "why": f"fastest at batch {_batch(inputs)} on this machine ({torch.get_num_threads()} threads)",
         "median_ms": {k: v["median_ms"] for k, v in lat.items()},
         "speedup_vs_fp32_eager": {k: lat["fp32_eager"]["median_ms"] / lat[k]["median_ms"] for k in built},
-        "skipped": skipped,
+        "skipped": skipped, "isa": isa.describe(),
     }
     return chosen
+
+
+def _known_slow(name: str, cfg: Any, plan: list[Any]) -> str | None:
+    if name != "torchao":
+        return None
+    try:
+        tcfg = torchao_config_from(cfg, plan)
+    except ConfigError:
+        return None  # to_torchao will fail with the reason, recorded in skipped
+    return torchao_known_slow(tcfg.scheme, tcfg.compile)
 
 
 def _batch(inputs: Any) -> int:
