@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from torchslim import isa
 from torchslim.errors import ConfigError
 from torchslim.quantize import ptq
 from torchslim.quantize.backends import (
@@ -56,30 +57,46 @@ def test_backends_registered():
     assert {"onnxruntime", "torchao", "auto"} <= set(BACKENDS)
 
 
+# ORT vs its simulation, dynamic int8: both compute the exact int32 products of the same integers
+# on every ISA, so only the float epilogue differs (measured 1.2e-7 of the logit range on AVX2).
+# Why the old check (2% of the range) failed on AVX2 without VNNI (gap 0.46 on logits of 4.0):
+# ORT's u8s8 kernels (vpmaddubsw) add pairs of u8*s8 products into a saturating int16, and
+# full-range 8-bit weights overflow it (2*255*127 > 32767); ORT then equals the saturating-pair
+# model, not the exact product (tests/test_quant_isa.py). Now the plan takes reduce_range there
+# (weights in [-64, 64]: pairs <= 32640, exact) and the simulation uses that grid; with VNNI
+# (int32 dot products) both keep full 8-bit weights. The bound, the same on both ISAs, still
+# catches a 0.2% scale error (0.0024 of the range), a simulation on the wrong weight grid (0.0075)
+# and saturation (0.116): tests/test_quant_isa.py checks each.
+AGREE = 1e-3
+
+
 def test_ort_dynamic_agrees_with_simulation(digits):
     model, task = digits
-    res = ptq.apply(model, QuantConfig(mode="dynamic", granularity="per_channel", backend="onnxruntime"), task)
+    cfg = QuantConfig(mode="dynamic", granularity="per_channel", backend="onnxruntime")
+    res = ptq.apply(model, cfg, task)
     assert isinstance(res.model, OrtModel)
     assert res.info["quantized_nodes"].get("MatMulInteger", 0) + res.info["quantized_nodes"].get("DynamicQuantizeMatMul", 0) == 3
-    sim, _ = ptq.simulate(model, QuantConfig(mode="dynamic", granularity="per_channel"), task)
+    assert res.info["reduce_range"] is isa.int8_saturates() and res.info["isa_plan"]["reduce_range"]["chosen_by"] == "isa"
+    sim, _ = ptq.simulate(model, cfg, task)  # the simulation of this plan (same weight grid as ORT here)
     real, ref = _logits(res.model, task), _logits(sim, task)
-    # same scheme (uint8 per-tensor dynamic activations, int8 per-channel weights): differences
-    # are a few rounding ties; bound: 2% of the logit range
-    assert (real - ref).abs().max() <= 0.02 * ref.abs().max()
+    assert (real - ref).abs().max() <= AGREE * ref.abs().max()
     assert (real.argmax(1) == ref.argmax(1)).float().mean() >= 0.99
 
 
 def test_ort_static_uses_simulated_ranges(digits):
     model, task = digits
     fp32_acc = task.evaluate(model)
-    res = ptq.apply(model, QuantConfig(mode="static", calibration="minmax", backend="onnxruntime"), task)
+    cfg = QuantConfig(mode="static", calibration="minmax", backend="onnxruntime")
+    res = ptq.apply(model, cfg, task)
     assert res.info["activation_ranges_from_simulation"] == 3  # every Linear input range handed over
-    sim, _ = ptq.simulate(model, QuantConfig(mode="static", calibration="minmax"), task)
+    sim, _ = ptq.simulate(model, cfg, task)
     real, ref = _logits(res.model, task), _logits(sim, task)
     # ORT also rounds every Gemm/Relu output with its own calibrated QDQ (the simulation only
-    # rounds layer inputs), so bound the mean gap at 1% and the worst at 10% of the logit range
+    # rounds layer inputs), so the gap is not zero: measured on AVX2 (7-bit weights) mean 0.17%
+    # and worst 5.7% of the logit range; bound 0.5% and 10%. The old failure here (mean 1.8%) was
+    # the same int16 saturation as in the dynamic test: the QDQ graph runs as u8s8 QGemm kernels.
     gap = (real - ref).abs()
-    assert gap.mean() <= 0.01 * ref.abs().max() and gap.max() <= 0.10 * ref.abs().max()
+    assert gap.mean() <= 0.005 * ref.abs().max() and gap.max() <= 0.10 * ref.abs().max()
     assert (real.argmax(1) == ref.argmax(1)).float().mean() >= 0.97
     assert task.evaluate(res.model) >= fp32_acc - 0.02  # 360 test digits: <= 2 pt (7 images)
 
@@ -266,7 +283,12 @@ def test_block_layers_pick_the_matmulnbits_nodes():
     assert q.get("MatMulNBits") == 1 and q.get("MatMulInteger", 0) + q.get("DynamicQuantizeMatMul", 0) == 1
     assert len(res.info["block_nodes"]) == 1
     ref = model(x)
-    assert ((res.model(x) - ref).norm() / ref.norm()).item() <= 0.02  # as the all-blocks bound above
+    # "up" (input randn: uint8 values all over [0, 255]) runs on MatMulInteger, the "down" blocks
+    # on MatMulNBits. The old failure on AVX2 (0.151) was "up": u8s8 int16 saturation with 8-bit
+    # weights (MatMulNBits itself does not saturate, tests/test_quant_isa.py). With the 7-bit
+    # weights chosen there: measured 0.012; with VNNI the 8-bit weights are finer. Same bound
+    # as the all-blocks case on both ISAs.
+    assert ((res.model(x) - ref).norm() / ref.norm()).item() <= 0.02
 
 
 def test_mixed_kernel_configs_fail_fast():

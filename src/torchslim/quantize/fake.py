@@ -23,15 +23,21 @@ from torch import nn
 EPS = 1e-8  # smallest scale, so an all-zero channel does not divide by zero
 
 
-def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+def qrange(bits: int, symmetric: bool, reduce_range: bool = False) -> tuple[int, int]:
+    """Integer range of a b-bit quantizer. ``reduce_range`` (8-bit only) is ONNX Runtime's:
+    int8 in [-64, 64], uint8 in [0, 127], so that a pair of u8*s8 products fits the saturating
+    int16 of x86 kernels without VNNI (see isa_plan.py)."""
+    if reduce_range and bits == 8:
+        return (-64, 64) if symmetric else (0, 127)
     if symmetric:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
 
 
-def qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
+            reduce_range: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero_point) covering [lo, hi] (elementwise; zero point as a float holding an integer)."""
-    qmin, qmax = qrange(bits, symmetric)
+    qmin, qmax = qrange(bits, symmetric, reduce_range)
     if symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
         return (amax / qmax).clamp_min(EPS), torch.zeros_like(amax)
@@ -60,7 +66,11 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 
 
 def grad_scaled(t: torch.Tensor, g: float) -> torch.Tensor:
-    """t in the forward pass, gradient multiplied by g in the backward pass (LSQ step-size scaling)."""
+    """t in the forward pass, gradient multiplied by g in the backward pass (LSQ step-size scaling).
+
+    LSQ uses g = 1/sqrt(N * Qp) (N = weights per scale, or features per sample for activations)
+    so that under SGD a step size moves, relative to itself, about as fast as its weights. Adam
+    cancels any constant g; qat.param_groups sets the scales' learning rate for that case."""
     return (t - t * g).detach() + t * g
 
 
@@ -86,6 +96,9 @@ class WeightQuantizer(nn.Module):
     """Fake-quantizes a weight tensor with scales from an observer (recomputed while training
     unless the scales are learnable)."""
 
+    #: ONNX Runtime's 7-bit weights (qrange); set per layer by ptq.wrap when the backend uses them
+    reduce_range: bool = False
+
     def __init__(self, bits: int, symmetric: bool = True, granularity: str = "per_channel",
                  group_size: int = 128, observer: str = "minmax"):
         super().__init__()
@@ -97,14 +110,15 @@ class WeightQuantizer(nn.Module):
 
     @property
     def qmin_qmax(self) -> tuple[int, int]:
-        return qrange(self.bits, self.symmetric)
+        return qrange(self.bits, self.symmetric, self.reduce_range)
 
     @torch.no_grad()
     def calibrate(self, w: torch.Tensor) -> None:
         from .observers import observe  # observers use this module's qparams
 
-        lo, hi = observe(rows_view(w, self.granularity, self.group_size), self.observer, self.bits, self.symmetric)
-        scale, zp = qparams(lo, hi, self.bits, self.symmetric)
+        lo, hi = observe(rows_view(w, self.granularity, self.group_size), self.observer, self.bits, self.symmetric,
+                         reduce_range=self.reduce_range)
+        scale, zp = qparams(lo, hi, self.bits, self.symmetric, self.reduce_range)
         if self.learnable:
             self.scale.data = scale[:, None].clone()
         else:
@@ -112,7 +126,8 @@ class WeightQuantizer(nn.Module):
         self.zero_point = zp[:, None].clone()
 
     def make_learnable(self) -> None:
-        """Turn the scale into a Parameter (LSQ); calibrate first."""
+        """Turn the scale into a Parameter (LSQ); calibrate first. The calibrated scale is the
+        init (not LSQ's 2<|w|>/sqrt(Qp), which is coarser than max|w|/Qp here; see qat.py)."""
         if not self.learnable:
             scale = self.scale.detach().clone()
             del self.scale

@@ -62,16 +62,18 @@ def _quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     return srt[:, lo_i] + frac * (srt[:, hi_i] - srt[:, lo_i])
 
 
-def mse(x: torch.Tensor, symmetric: bool, bits: int, grid: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the range ratio r in {1/grid, ..., 1} of min/max minimising sum (fq(x) - x)^2."""
+def mse(x: torch.Tensor, symmetric: bool, bits: int, grid: int = 100,
+        reduce_range: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the range ratio r in {1/grid, ..., 1} of min/max minimising sum (fq(x) - x)^2
+    (on the integer grid the quantizer will use: ``reduce_range`` = ONNX Runtime's 7-bit one)."""
     lo0, hi0 = minmax(x, symmetric)
-    qmin, qmax = fake.qrange(bits, symmetric)
+    qmin, qmax = fake.qrange(bits, symmetric, reduce_range)
     best_err = torch.full_like(lo0, float("inf"))
     best_lo, best_hi = lo0.clone(), hi0.clone()
     for k in range(1, int(grid) + 1):
         r = k / grid
         lo, hi = lo0 * r, hi0 * r
-        scale, zp = fake.qparams(lo, hi, bits, symmetric)
+        scale, zp = fake.qparams(lo, hi, bits, symmetric, reduce_range)
         err = (fake.fake_quantize(x, scale[:, None], zp[:, None], qmin, qmax) - x).pow(2).sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -123,15 +125,17 @@ def _kl_at(hist: np.ndarray, i: int, levels: int) -> float:
 
 
 def observe(samples: torch.Tensor, method: str = "minmax", bits: int = 8, symmetric: bool = False,
-            param: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lo, hi) of samples by ``method``; scalars for 1-D samples, per-row vectors for 2-D."""
+            param: float | None = None, reduce_range: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) of samples by ``method``; scalars for 1-D samples, per-row vectors for 2-D.
+    ``reduce_range``: the range will be quantized on ONNX Runtime's 7-bit grid (fake.qrange);
+    only the MSE search depends on it."""
     x = _rows(samples)
     if method == "minmax":
         lo, hi = minmax(x, symmetric)
     elif method == "percentile":
         lo, hi = percentile(x, symmetric, 99.99 if param is None else float(param))
     elif method == "mse":
-        lo, hi = mse(x, symmetric, bits, 100 if param is None else int(param))
+        lo, hi = mse(x, symmetric, bits, 100 if param is None else int(param), reduce_range)
     elif method == "entropy":
         lo, hi = entropy(x, symmetric, bits, 2048 if param is None else int(param))
     else:

@@ -14,11 +14,14 @@ Dynamic plans may mix kernels: per-channel int8 (MatMulInteger / QAttention, the
 most layers, 8-bit weight blocks (MatMulNBits, per-block activation scales, slower but far more
 faithful) only for ``block_layers``, and SmoothQuant (``smooth_alpha``, see ort_graph.py) for
 the inputs whose outlier channels a per-tensor activation scale handles badly.
+
+Choices that depend on the CPU (``reduce_range=None``) are made by isa_plan.py and recorded in
+the info as ``isa_plan``: on x86 without VNNI ORT's u8s8 kernels saturate with 8-bit weights,
+so weights are 7-bit there; ORT's own log messages are silenced only while ORT runs.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,6 +36,7 @@ from ..errors import check
 from ..export.onnx import export_onnx, ort_session, temp_onnx_path, to_feed
 from ..task import Task
 from ..utils import atomic_write
+from .isa_plan import quiet_ort_logs, resolve_ort
 from .ort_graph import (  # noqa: F401 - re-exported: tests and callers import them from here
     WEIGHT_OPS,
     act_overrides,
@@ -55,8 +59,10 @@ class OrtQuantConfig:
     """How ONNX Runtime quantizes a graph.
 
     mode: "dynamic" (quantize_dynamic) or "static" (quantize_static, QDQ, calibrated).
-    per_channel / reduce_range: weight scales per output channel; 7-bit weights (for CPUs
-        without VNNI, where 8-bit products can saturate).
+    per_channel: weight scales per output channel.
+    reduce_range: ORT's 7-bit weights (integers in [-64, 64]); None = decided by the CPU (on
+        where int8 products saturate: x86 without VNNI, see isa_plan.py; off elsewhere). An
+        explicit False there is honoured with one warning.
     calibration / percentile / calibration_batches: static activation ranges from the task's
         train split (val if none).
     optimize: fuse transformer blocks with onnxruntime.transformers first (needs num_heads and
@@ -67,7 +73,8 @@ class OrtQuantConfig:
     block_bits / block_size / block_int8_compute: MatMul weights in ``block_bits``-bit blocks of
         ``block_size`` inputs (ORT MatMulNBits); with int8 compute (accuracy_level 4) activations
         are quantized per block at run time, far finer than quantize_dynamic's one scale per
-        tensor; without it the weights are dequantized and the product is float (weight-only).
+        tensor (it does not saturate on AVX2 either); without it the weights are dequantized and
+        the product is float (weight-only, accuracy_level 0).
         Other ops (Attention, embeddings, Conv) still go through quantize_dynamic.
     block_layers: fnmatch patterns of torch layer names (or ONNX node names) whose MatMul takes
         the blocks; the other MatMuls go through quantize_dynamic (per channel, the faster int8
@@ -80,7 +87,7 @@ class OrtQuantConfig:
 
     mode: str = "dynamic"
     per_channel: bool = True
-    reduce_range: bool = False
+    reduce_range: bool | None = None
     calibration: str = "minmax"
     percentile: float = 99.999
     calibration_batches: int = 8
@@ -111,6 +118,8 @@ class OrtQuantConfig:
               f"must be in (0, 1) or None, got {self.smooth_alpha!r}")
         check(self.smooth_alpha is None or self.mode == "dynamic", "OrtQuantConfig.smooth_alpha",
               "graph SmoothQuant is for mode='dynamic' (static QDQ takes the simulation's ranges)")
+        check(self.reduce_range in (None, True, False), "OrtQuantConfig.reduce_range",
+              f"must be True, False or None (by this CPU), got {self.reduce_range!r}")
         check(self.calibration_batches >= 1, "OrtQuantConfig.calibration_batches", f"must be >= 1, got {self.calibration_batches!r}")
 
 
@@ -211,11 +220,12 @@ def export_fp32(model: nn.Module, example_inputs: Any, out: Path, optimize: bool
 def quantize_onnx(fp32_path: Path, out: Path, cfg: OrtQuantConfig, model: nn.Module | None = None,
                   task: Task | None = None) -> dict[str, Any]:
     """Quantize the graph at fp32_path into out with ORT; returns excluded nodes etc."""
+    if cfg.reduce_range is None:  # ort_quantize resolves it first; a direct call gets the same choice
+        cfg = resolve_ort(cfg)[0]
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import CalibrationMethod
 
-    logging.getLogger().setLevel(logging.ERROR)  # ORT logs a "consider pre-processing" warning
     mapping = layer_nodes(fp32_path, model) if model is not None else {}
     missing = [n for n in cfg.exclude_layers if n not in mapping]
     exclude = sorted({n for layer in cfg.exclude_layers for n in mapping.get(layer, [])} | set(cfg.exclude_nodes))
@@ -323,18 +333,20 @@ def ort_quantize(model: nn.Module, example_inputs: Any, cfg: OrtQuantConfig | No
     activation ranges are handed to ORT."""
     from .torchao_backend import defake
 
-    cfg = cfg or OrtQuantConfig()
+    cfg, plan = resolve_ort(cfg or OrtQuantConfig())
     fp32, q = temp_onnx_path(), temp_onnx_path()
     try:
-        info = export_fp32(defake(model), example_inputs, fp32, cfg.optimize)
-        info["fp32_onnx_bytes"] = fp32.stat().st_size
-        info.update(quantize_onnx(fp32, q, cfg, model, task))
+        with quiet_ort_logs():
+            info = export_fp32(defake(model), example_inputs, fp32, cfg.optimize)
+            info["fp32_onnx_bytes"] = fp32.stat().st_size
+            info.update(quantize_onnx(fp32, q, cfg, model, task))
         data = q.read_bytes()
     finally:
         fp32.unlink(missing_ok=True)
         q.unlink(missing_ok=True)
     names = list(example_inputs) if isinstance(example_inputs, Mapping) else ["input"]
-    info.update(backend="onnxruntime", mode=cfg.mode, per_channel=cfg.per_channel, onnx_bytes=len(data))
+    info.update(backend="onnxruntime", mode=cfg.mode, per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
+                isa_plan=plan, onnx_bytes=len(data))
     return OrtResult(OrtModel(data, names, threads, info), info)
 
 
@@ -342,7 +354,8 @@ def ort_fp32(model: nn.Module, example_inputs: Any, optimize: bool = True, threa
     """The float model as an ONNX Runtime graph (the fair fp32 baseline for ORT int8)."""
     out = temp_onnx_path()
     try:
-        info = export_fp32(model, example_inputs, out, optimize)
+        with quiet_ort_logs():
+            info = export_fp32(model, example_inputs, out, optimize)
         data = out.read_bytes()
     finally:
         out.unlink(missing_ok=True)

@@ -9,6 +9,10 @@ real backends consume, and ``save_quantized`` writes them (int4 packed two per b
 ``apply`` is the stage: for ``backend="simulate"`` it returns the fake-quant model; for a real
 backend it hands the simulated model and the per-layer plan to the converter registered in
 ``config.BACKENDS``.
+
+The simulation models the backend named in the config: with ``backend="onnxruntime"`` (or
+"auto") on a CPU where ONNX Runtime uses 7-bit weights (``reduce_range``, see isa_plan.py) the
+8-bit weights are simulated on that grid ([-64, 64]), so simulation and runtime stay equal.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from ..utils import atomic_write
 from . import calibrate, mixed, qat, smooth
 from .config import BACKENDS, QuantConfig, quantizable_layers, validate_for_model
 from .fake import ActQuantizer, FakeQuantLayer, WeightQuantizer
+from .isa_plan import sim_reduce_range
 
 
 @dataclass
@@ -81,6 +86,7 @@ def wrap(model: nn.Module, cfg: QuantConfig) -> dict[str, str]:
             float_layers[name] = "kept float by the config"
             continue
         wq = WeightQuantizer(bits, cfg.weight_scheme == "symmetric", cfg.granularity, cfg.group_size, cfg.weight_observer)
+        wq.reduce_range = sim_reduce_range(cfg, name)  # ONNX Runtime's 7-bit weights, where it will use them
         aq = None
         if cfg.mode != "weights_only":
             aq = ActQuantizer(cfg.act_bits, cfg.act_scheme == "symmetric", dynamic=cfg.mode == "dynamic")
@@ -118,6 +124,9 @@ def simulate(model: nn.Module, cfg: QuantConfig, task: Task) -> tuple[nn.Module,
         q, pairs = smooth.equalize(q, probe)
         info["equalized_pairs"] = [list(p) for p in pairs]
     info["float_layers"] = wrap(q, cfg)
+    reduced = [n for n, m in calibrate.fq_layers(q).items() if m.wq.reduce_range]
+    if reduced:  # the backend's 7-bit weights (ORT reduce_range on this CPU), modeled exactly
+        info["weight_reduce_range"] = {"layers": reduced, "qrange": list(q.get_submodule(reduced[0]).wq.qmin_qmax)}
     if cfg.smooth_alpha is not None and cfg.mode != "weights_only":
         info["smoothquant_max_scale"] = smooth.smooth_quant(q, batches, cfg.smooth_alpha)
     if cfg.mode == "static":
