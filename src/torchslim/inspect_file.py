@@ -7,22 +7,39 @@ from pathlib import Path
 from .errors import TorchslimError
 
 
+def sniff(p: Path) -> str:
+    """The kind of a model file from its first bytes (the suffix only breaks ties): "archive",
+    "safetensors", "torch" (a torch.save zip) or "onnx"; the runner's artifacts/*.bin are any
+    of these, so the content decides."""
+    with open(p, "rb") as fh:
+        head = fh.read(9)
+    if not head:
+        raise TorchslimError(f"inspect: {str(p)!r} is empty (0 bytes)")
+    if head[:4] == b"TSLA":
+        return "archive"
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < p.stat().st_size:
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04":
+        return "torch"
+    if p.suffix == ".onnx" or head[:1] == b"\x08":  # an ONNX ModelProto starts with ir_version (field 1)
+        return "onnx"
+    raise TorchslimError(f"inspect: unknown file type of {p.name!r}; expected a torchslim archive, safetensors, "
+                         "a torch state dict or ONNX")
+
+
 def inspect_file(path: str):
     from rich.table import Table
 
     p = Path(path)
     if not p.is_file():
         raise TorchslimError(f"inspect: file {path!r} does not exist")
-    table = Table(title=f"{p.name} ({p.stat().st_size:,} bytes)")
-    with open(p, "rb") as fh:
-        head = fh.read(4)
-    if head == b"TSLA" or p.suffix == ".tsla":
+    kind = sniff(p)
+    table = Table(title=f"{p.name} ({p.stat().st_size:,} bytes, {kind})")
+    if kind == "archive":
         return _archive(p, table)
-    if p.suffix == ".onnx":
+    if kind == "onnx":
         return _onnx(p, table)
-    if p.suffix in (".safetensors", ".pt", ".pth"):
-        return _state_dict(p, table)
-    raise TorchslimError(f"inspect: unknown file type {p.suffix!r}; expected .tsla, .safetensors, .pt or .onnx")
+    return _state_dict(p, table, kind)
 
 
 def _archive(p: Path, table):
@@ -36,10 +53,26 @@ def _archive(p: Path, table):
     return table
 
 
-def _state_dict(p: Path, table):
+def _state_dict(p: Path, table, kind: str):
     from .export.weights import read_state_dict
 
-    state = read_state_dict(p)
+    if kind == "safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(p), "pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise TorchslimError(f"inspect: {str(p)!r} is a damaged safetensors file ({str(exc)[:120]})") from None
+        if "torchslim.sparse" in meta or meta.get("format", "").startswith("torchslim.sparse"):
+            from .export.sparse import load_sparse
+
+            state = load_sparse(p)  # verifies the checksum
+            table.title = f"{table.title}, torchslim sparse"
+        else:
+            state = _read_as(p, ".safetensors", read_state_dict)
+    else:
+        state = _read_as(p, ".pt", read_state_dict)
     for col in ("tensor", "shape", "dtype", "non-zeros", "bytes"):
         table.add_column(col)
     for k, v in state.items():
@@ -48,11 +81,30 @@ def _state_dict(p: Path, table):
     return table
 
 
+def _read_as(p: Path, suffix: str, read):
+    """read_state_dict picks its reader by suffix; an artifact named .bin is read by content."""
+    if p.suffix == suffix:
+        return read(p)
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        link = Path(d) / f"file{suffix}"
+        os.symlink(p.resolve(), link)
+        return read(link)
+
+
 def _onnx(p: Path, table):
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(p))
+    try:
+        model = onnx.load(str(p))
+    except Exception as exc:  # noqa: BLE001 - protobuf/checker errors: a damaged file, one line
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise TorchslimError(f"inspect: {str(p)!r} is not a valid ONNX model ({first})") from None
+    if not model.graph.node:
+        raise TorchslimError(f"inspect: {str(p)!r} is not a valid ONNX model (no graph nodes)")
     ops: dict[str, int] = {}
     for node in model.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1

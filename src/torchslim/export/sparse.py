@@ -1,8 +1,12 @@
 """Compact storage of sparse weights: ``save_sparse(model, path)`` / ``load_sparse(path, model)``.
 
 Layout (a safetensors file, so loading never unpickles anything):
-- header metadata ``"torchslim.sparse"`` = JSON {key: {"enc": ..., "shape": [...]}} per
-  state_dict entry, plus ``"format": "torchslim.sparse/1"``;
+- header metadata: one key ``"torchslim.sparse"`` = JSON (sorted keys) {"format":
+  "torchslim.sparse/2", "tensors": {key: {"enc": ..., "shape": [...]}} per state_dict entry,
+  "sha256": export.digest of the stored tensors}. One key only, because safetensors writes
+  its metadata map in no fixed order: with one key the file is byte-identical run to run. The
+  checksum is verified on load. (Version 1 files, with "format" a metadata key of its own and
+  no checksum, still load.)
 - ``enc = "dense"``: the tensor as is under ``key``;
 - ``enc = "bitmask"``: ``key::values`` (the non-zeros in row-major order, original dtype) and
   ``key::bitmask`` (uint8, numpy.packbits of the non-zero pattern, big-endian bit order);
@@ -25,8 +29,10 @@ from torch import nn
 
 from ..errors import WeightsError
 from ..utils import atomic_write
+from .digest import tensor_digest
 
-FORMAT = "torchslim.sparse/1"
+FORMAT = "torchslim.sparse/2"
+FORMAT_V1 = "torchslim.sparse/1"
 MAX_GAP = 255
 
 
@@ -97,23 +103,41 @@ def save_sparse(model: nn.Module | dict[str, torch.Tensor], path: str | os.PathL
         meta, parts = _encode(key, t)
         metas[key] = meta
         tensors.update(parts)
-    header = {"format": FORMAT, "torchslim.sparse": json.dumps(metas)}
+    meta = {"format": FORMAT, "tensors": metas, "sha256": tensor_digest(tensors)}
+    header = {"torchslim.sparse": json.dumps(meta, sort_keys=True)}
     return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=header))
 
 
 def load_sparse(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module | dict[str, torch.Tensor]:
-    """The dense state_dict stored at path, or model with it loaded (strict) when given."""
-    from safetensors import safe_open
+    """The dense state_dict stored at path, or model with it loaded (strict) when given.
+    A damaged file (bad header, truncated, checksum mismatch) is a one-line WeightsError."""
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"sparse file {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
-    if header.get("format") != FORMAT:
-        raise WeightsError(f"{str(path)!r} is not a torchslim sparse file (format {header.get('format')!r})")
-    tensors = load_file(str(path))
-    state = {k: _decode(k, m, tensors) for k, m in json.loads(header["torchslim.sparse"]).items()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"sparse file {str(path)!r} is damaged or not safetensors ({str(exc)[:120]})") from None
+    try:
+        if header.get("format") == FORMAT_V1:
+            metas, digest = json.loads(header["torchslim.sparse"]), None
+        else:
+            meta = json.loads(header.get("torchslim.sparse", "{}"))
+            if meta.get("format") != FORMAT:
+                raise WeightsError(f"{str(path)!r} is not a torchslim sparse file (format {meta.get('format')!r})")
+            metas, digest = meta["tensors"], meta["sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise WeightsError(f"sparse file {str(path)!r} has a damaged header") from None
+    if digest is not None and tensor_digest(tensors) != digest:
+        raise WeightsError(f"sparse file {str(path)!r} is damaged: its tensor data does not match its checksum")
+    try:
+        state = {k: _decode(k, m, tensors) for k, m in metas.items()}
+    except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+        raise WeightsError(f"sparse file {str(path)!r} is damaged ({type(exc).__name__})") from None
     if model is None:
         return state
     try:

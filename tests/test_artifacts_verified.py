@@ -1,0 +1,72 @@
+"""Artifacts are verified (issue 12, point 5): a checksum in torchslim's sparse files, checked on
+load; identical runs write identical bytes; `inspect` opens every file a run writes and gives
+one line for a damaged one."""
+
+import copy
+
+import pytest
+import torch
+
+from torchslim import cli
+from torchslim.errors import WeightsError
+from torchslim.export.sparse import load_sparse, save_sparse
+from torchslim.runner import run_recipe
+
+RECIPE = {"task": {"name": "digits", "kwargs": {"batch_size": 64}}, "model": "lenet300", "seed": 3,
+          "stages": [{"prune": {"sparsity": 0.8}}, {"quantize": {"mode": "dynamic", "backend": "onnxruntime"}}],
+          "measure": {"batch_size": 8, "repeats": 1}, "export": ["onnx"]}
+
+
+def _state():
+    torch.manual_seed(0)
+    w = torch.randn(64, 32)
+    w[w.abs() < 1] = 0
+    return {"a.weight": w, "a.bias": torch.randn(64)}
+
+
+def test_sparse_checksum_catches_a_flipped_byte(tmp_path):
+    path = save_sparse(_state(), tmp_path / "s.bin")
+    assert torch.equal(load_sparse(path)["a.weight"], _state()["a.weight"])
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01  # a bit in the last tensor's data
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="does not match its checksum"):
+        load_sparse(path)
+    path.write_bytes(bytes(data[:40]))
+    with pytest.raises(WeightsError, match="damaged"):
+        load_sparse(path)
+
+
+def test_sparse_files_are_byte_identical(tmp_path):
+    a, b = save_sparse(_state(), tmp_path / "a.bin"), save_sparse(_state(), tmp_path / "b.bin")
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_identical_runs_write_identical_artifacts_and_inspect_opens_them(tmp_path, capsys):
+    one = run_recipe(copy.deepcopy(RECIPE), out=tmp_path / "one", log=lambda m: None)
+    two = run_recipe(copy.deepcopy(RECIPE), out=tmp_path / "two", log=lambda m: None)
+    for r1, r2 in zip(one["rows"], two["rows"]):
+        f1, f2 = tmp_path / "one" / r1["artifact"], tmp_path / "two" / r2["artifact"]
+        assert f1.read_bytes() == f2.read_bytes(), r1["artifact"]
+        assert cli.main(["inspect", str(f1)]) == 0, capsys.readouterr().err
+    assert cli.main(["inspect", str(tmp_path / "one" / "model.onnx")]) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated onnx", "garbage"])
+def test_inspect_damaged_files_is_one_line(tmp_path, capsys, damage):
+    path = tmp_path / "m.onnx"
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated onnx":
+        import onnx
+
+        x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+        g = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+        path.write_bytes(onnx.helper.make_model(g).SerializeToString()[:-7])
+    else:
+        path.write_bytes(b"\x08\xff\xff\xff\xff\xff" * 50)
+    assert cli.main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("torchslim: error: inspect:")
