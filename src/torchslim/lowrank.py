@@ -8,11 +8,17 @@ dilation on the first). By Eckart–Young the truncation is the best rank-r appr
 
 A layer is only replaced where it really saves MACs: ``r·(in + out) <= (1 - min_mac_saving)·in·out``
 (in counted as in·k·k for convs); otherwise it is left as is and the record says why.
+
+A tied weight is factorized once and its users share the two factors (a tie with a layer that
+cannot be factorized skips it); nn.MultiheadAttention's out_proj (read as ``.weight`` by its
+parent), GRU/LSTM and other weight layers left alone are named in one warning. MACs count
+every call of a layer, as ``torchslim.measure`` does.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,29 +70,98 @@ def _factorizable(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or (isinstance(m, _CONVS) and m.groups == 1)
 
 
-def _candidates(model: nn.Module, cfg: LowRankConfig) -> dict[str, nn.Module]:
+def _direct_readers(model: nn.Module) -> set[int]:
+    """ids of Linears whose parent reads their ``.weight`` directly (nn.MultiheadAttention's
+    out_proj): replaced by two layers, the parent's forward would fail."""
+    out = {id(m) for m in model.modules() if isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)}
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            out.update(id(c) for c in m.children())
+    return out
+
+
+def _skip_reason(m: nn.Module, direct: set[int]) -> str | None:
+    """Why layer m is not factorized (None: it can be)."""
+    kind = type(m).__name__
+    if id(m) in direct:
+        return f"{kind}: nn.MultiheadAttention reads its weight directly"
+    if isinstance(m, nn.MultiheadAttention):
+        return f"{kind}: its in_proj is not a Linear"
+    if isinstance(m, nn.RNNBase):
+        return f"{kind}: recurrent weights are not factorized"
+    if isinstance(m, _CONVS) and m.groups != 1:
+        return f"{kind}: groups={m.groups}"
+    return None if _factorizable(m) else f"{kind}: not a Linear or Conv"
+
+
+Group = list[tuple[list[str], nn.Module]]  # the modules (each with all its names) holding one weight
+
+
+def _candidates(model: nn.Module, cfg: LowRankConfig) -> tuple[list[Group], list[str]]:
+    """(groups to factorize, skipped layers as 'name (why)').
+
+    A weight held by several modules (tied) is one group, factorized once; a module reachable
+    under several names is one entry with every name. A tie with a module that cannot be
+    factorized (an Embedding, say) skips the whole group: factorizing one side would untie it."""
     mods = dict(model.named_modules())
-    names = cfg.layers if cfg.layers is not None else [n for n, m in mods.items() if _factorizable(m)]
-    if isinstance(cfg.rank, dict):  # per-layer ranks name the layers (within layers, if given)
-        for n in cfg.rank:
-            check(n in mods, "LowRankConfig.rank", f"model has no module {n!r}")
-        missing = [n for n in (cfg.layers or []) if n not in cfg.rank]
-        check(not missing, "LowRankConfig.rank", f"no rank given for layer {missing[:1]}; add it or drop it from layers")
-        names = [n for n in names if n in cfg.rank] if cfg.layers is None else names
-    for n in names:
-        check(n in mods, "LowRankConfig.layers", f"model has no module {n!r}")
-        check(_factorizable(mods[n]), "LowRankConfig.layers", f"{n!r} is a {type(mods[n]).__name__}; only Linear and Conv (groups=1) factorize")
-    return {n: mods[n] for n in names}
+    names_of: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        names_of.setdefault(id(m), []).append(n)
+    every = dict(model.named_modules(remove_duplicate=False))
+    direct, skipped, chosen = _direct_readers(model), [], []
+    if cfg.layers is None and not isinstance(cfg.rank, dict):
+        for n, m in mods.items():
+            if n == "parametrizations" or n.endswith(".parametrizations") or ".parametrizations." in f".{n}":
+                continue  # torch.nn.utils.parametrize internals (their module is considered)
+            w = getattr(m, "weight", None)
+            weighty = (isinstance(w, torch.Tensor) and w.dim() >= 2) or any(p.dim() >= 2 for p in m.parameters(recurse=False))
+            why = _skip_reason(m, direct) if weighty else "-"
+            if why is None:
+                chosen.append(m)
+            elif why != "-":
+                skipped.append(f"{n or '<root>'} ({why})")
+    else:
+        names = cfg.layers if cfg.layers is not None else list(cfg.rank)
+        if isinstance(cfg.rank, dict):  # per-layer ranks name the layers (within layers, if given)
+            for n in cfg.rank:
+                check(n in every, "LowRankConfig.rank", f"model has no module {n!r}")
+            missing = [n for n in (cfg.layers or []) if n not in cfg.rank]
+            check(not missing, "LowRankConfig.rank", f"no rank given for layer {missing[:1]}; add it or drop it from layers")
+        for n in names:
+            check(n in every, "LowRankConfig.layers", f"model has no module {n!r}")
+            m = every[n]
+            check(_factorizable(m), "LowRankConfig.layers", f"{n!r} is a {type(m).__name__}; only Linear and Conv (groups=1) factorize")
+            why = _skip_reason(m, direct)
+            check(why is None, "LowRankConfig.layers", f"{n!r} cannot be factorized ({why})")
+            chosen.append(m)
+    holders: dict[int, list[nn.Module]] = {}  # id(parameter) -> the distinct modules holding it
+    for m in mods.values():
+        for t in m.parameters(recurse=False):
+            holders.setdefault(id(t), []).append(m)
+    groups, seen = [], set()
+    for m in chosen:
+        if id(m) in seen:
+            continue
+        w = m.weight  # a parametrized weight is computed anew on each access: no Parameter holds it
+        users = holders.get(id(w), [m])
+        seen.update(id(u) for u in users)
+        bad = [u for u in users if u is not m and (getattr(u, "weight", None) is not w or _skip_reason(u, direct))]
+        if bad:
+            skipped.append(f"{names_of[id(m)][0]} (weight tied with {names_of[id(bad[0])][0]}, which is not factorized)")
+        else:
+            groups.append([(names_of[id(u)], u) for u in users])
+    return groups, skipped
 
 
 def _positions(model: nn.Module, mods: dict[str, nn.Module], inputs: Any) -> dict[str, int]:
-    """Output positions per sample of each layer (1 for a Linear on vectors, H·W for a conv)."""
-    seen: dict[str, int] = {}
+    """Output positions per sample of each layer, summed over its calls in one forward (1 for
+    a Linear on vectors called once, H·W for a conv; a module called twice counts twice)."""
+    seen: dict[str, int] = {n: 0 for n in mods}
 
     def hook(name: str):
         def fn(mod: nn.Module, args: Any, out: torch.Tensor) -> None:
             width = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
-            seen[name] = out.numel() // (out.shape[0] * width)
+            seen[name] += out.numel() // (out.shape[0] * width)
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
@@ -99,7 +174,7 @@ def _positions(model: nn.Module, mods: dict[str, nn.Module], inputs: Any) -> dic
         model.train(was)
         for h in handles:
             h.remove()
-    return {n: seen.get(n, 1) for n in mods}
+    return seen
 
 
 def rank_for_energy(s: torch.Tensor, energy: float) -> int:
@@ -143,36 +218,72 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def _group_rank(group: Group, cfg: LowRankConfig) -> str:
+    """The name whose rank a tied group takes; ConfigError if its names ask for different ranks."""
+    names = [n for ns, _ in group for n in ns]
+    if not isinstance(cfg.rank, dict):
+        return names[0]
+    given = {n: cfg.rank[n] for n in names if n in cfg.rank}
+    check(len(set(given.values())) <= 1, "LowRankConfig.rank",
+          f"layers {' and '.join(repr(n) for n in names)} hold one tied weight but get ranks "
+          f"{', '.join(f'{n}={r}' for n, r in given.items())}; give them the same rank")
+    return next(iter(given), names[0])
+
+
+def _split_tied(group: Group, r: int, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> list[nn.Sequential]:
+    """One pair of thin layers per user of the weight, all holding the same two factor weights
+    (and a bias shared before stays shared), so the tie survives the factorization."""
+    splits = [_split(m, r, u, s, vh) for _, m in group]
+    biases: dict[int, nn.Parameter] = {}
+    for (_, m), seq in zip(group, splits):
+        seq[0].weight, seq[1].weight = splits[0][0].weight, splits[0][1].weight
+        if m.bias is not None:
+            seq[1].bias = biases.setdefault(id(m.bias), seq[1].bias)
+    return splits
+
+
 def factorize_layers(model: nn.Module, cfg: LowRankConfig, example_inputs: Any) -> list[dict[str, Any]]:
     """Replace the chosen layers of model in place; return one record per considered layer.
 
-    Every rank is checked against its layer before any layer is changed.
-    """
-    mods = _candidates(model, cfg)
-    shapes = {n: (m.weight.shape[0], m.weight[0].numel()) for n, m in mods.items()}
+    Every rank is checked against its layer before any layer is changed. A tied weight is
+    factorized once (its users keep sharing the factors); layers that cannot be factorized
+    are named in one warning. MACs count every call of a layer in one forward, as
+    torchslim.measure does."""
+    groups, skipped = _candidates(model, cfg)
+    if skipped:
+        warnings.warn(f"low-rank skipped layers it cannot factorize: {', '.join(skipped)}", stacklevel=2)
+    keys = [_group_rank(g, cfg) for g in groups]
+    shapes = [(g[0][1].weight.shape[0], g[0][1].weight[0].numel()) for g in groups]
     if cfg.rank is not None:
-        for n, (o, i) in shapes.items():
-            r = _wanted_rank(n, o, i, cfg, None)
+        for key, (o, i) in zip(keys, shapes):
+            r = _wanted_rank(key, o, i, cfg, None)
             check(r <= min(o, i), "LowRankConfig.rank",
-                  f"rank {r} is larger than layer {n!r} allows (weight {o}x{i}: at most {min(o, i)})")
-    pos = _positions(model, mods, example_inputs)
+                  f"rank {r} is larger than layer {key!r} allows (weight {o}x{i}: at most {min(o, i)})")
+    pos = _positions(model, {ns[0]: m for g in groups for ns, m in g}, example_inputs)
     records = []
-    for n, m in mods.items():
-        (o, i), p = shapes[n], pos[n]
+    for g, key, (o, i) in zip(groups, keys, shapes):
         # float32 SVD (LAPACK via torch): float64 is ~10x slower and gains nothing at this error
-        u, s, vh = torch.linalg.svd(m.weight.detach().reshape(o, i).float(), full_matrices=False)
-        r = min(_wanted_rank(n, o, i, cfg, s), len(s))
+        u, s, vh = torch.linalg.svd(g[0][1].weight.detach().reshape(o, i).float(), full_matrices=False)
+        r = min(_wanted_rank(key, o, i, cfg, s), len(s))
         e = s.double().pow(2)
         tail = e[r:].sum() / e.sum().clamp_min(1e-300)
-        rec = {"layer": n, "type": type(m).__name__, "weight": [o, i], "rank": r, "full_rank": len(s),
-               "macs_before": p * o * i, "macs_after": p * r * (o + i), "rel_fro_error": float(tail.sqrt())}
-        rec["applied"] = rec["macs_after"] <= (1 - cfg.min_mac_saving) * rec["macs_before"]
-        if rec["applied"]:
-            _set_module(model, n, _split(m, r, u, s, vh))
-        else:
-            rec["macs_after"] = rec["macs_before"]
-            rec["reason"] = f"r(in+out) = {r * (o + i)} saves < {cfg.min_mac_saving:.0%} of in*out = {o * i}"
-        records.append(rec)
+        applied = r * (o + i) <= (1 - cfg.min_mac_saving) * o * i
+        tied = [n for ns, _ in g for n in ns]
+        for names, m in g:
+            p = pos[names[0]]
+            rec = {"layer": names[0], "type": type(m).__name__, "weight": [o, i], "rank": r, "full_rank": len(s),
+                   "macs_before": p * o * i, "macs_after": p * r * (o + i), "rel_fro_error": float(tail.sqrt()),
+                   "applied": applied}
+            if len(tied) > 1:
+                rec["tied"] = tied
+            if not applied:
+                rec["macs_after"] = rec["macs_before"]
+                rec["reason"] = f"r(in+out) = {r * (o + i)} saves < {cfg.min_mac_saving:.0%} of in*out = {o * i}"
+            records.append(rec)
+        if applied:
+            for (names, _), seq in zip(g, _split_tied(g, r, u, s, vh)):
+                for n in names:  # every name of the module, so an alias stays one module
+                    _set_module(model, n, seq)
     return records
 
 

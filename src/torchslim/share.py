@@ -10,6 +10,11 @@ which is the paper's centroid fine-tuning (checked against a hand scatter-add in
 k-means is scikit-learn's ``KMeans`` started from explicit centroids: ``linear`` (evenly spaced
 between the min and max weight; the paper finds it best because it keeps the few large
 weights), ``density`` (evenly spaced quantiles) or ``random`` (k weights drawn at random).
+
+A tied weight (one Parameter used by several modules, or a module registered under several
+names) is clustered once: every user gets the same parametrization, so they keep one weight
+and one codebook. Weight layers without a ``weight`` (GRU/LSTM, attention's in_proj) are
+named in one warning.
 """
 
 from __future__ import annotations
@@ -137,22 +142,79 @@ def cluster_weight(
             torch.as_tensor(mask, device=dev).reshape(weight.shape), inertia)
 
 
-def share_layer(module: nn.Module, bits: int, cfg: ShareConfig) -> dict[str, Any]:
-    """Cluster module.weight and parametrize it; return its per-layer record."""
-    if parametrize.is_parametrized(module, "weight"):  # e.g. shared before: start from its values
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-    weight = module.weight
+def share_layer(module: nn.Module | list[nn.Module], bits: int, cfg: ShareConfig) -> dict[str, Any]:
+    """Cluster the weight of module (or of every module of a list that holds one tied weight
+    Parameter) once and parametrize each with the same SharedWeight; return the record."""
+    users = module if isinstance(module, list) else [module]
+    for m in users:  # e.g. shared before: start from its values
+        if parametrize.is_parametrized(m, "weight"):
+            # sets the (shared) original to the values in place, so a tie stays one Parameter
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    lead = users[0]
+    for m in users[1:]:
+        if m.weight is not lead.weight:
+            m.weight = lead.weight
+    weight = lead.weight
     numel = weight.numel()  # weight becomes the (emptied) original below
     codebook, indices, mask, inertia = cluster_weight(weight, bits, cfg.init, cfg.keep_zeros, cfg.seed, cfg.max_iter)
-    parametrize.register_parametrization(module, "weight", SharedWeight(codebook, indices, mask), unsafe=True)
+    shared = SharedWeight(codebook, indices, mask)
+    for m in users:  # one parametrization for all users: one codebook, trained once
+        parametrize.register_parametrization(m, "weight", shared, unsafe=True)
     # The dense original is ignored by SharedWeight: drop its storage so memory and parameter
     # counts reflect the shared form (codebook + indices + mask) and it is never trained.
-    original = module.parametrizations.weight.original
+    # Emptied once, after every user of a tied original is parametrized (none reads it then).
+    original = lead.parametrizations.weight.original
     original.data = original.data.new_empty(0)
     original.requires_grad_(False)
     nonzeros = int(mask.sum())
     return {"bits": bits, "k": len(codebook), "numel": numel, "nonzeros": nonzeros,
             "kept": nonzeros / max(numel, 1), "inertia": inertia}
+
+
+def _weight_key(m: nn.Module) -> int:
+    """Identity of the weight m runs with: its SharedWeight if shared already, else the tensor."""
+    if parametrize.is_parametrized(m, "weight"):  # a computed weight is a new tensor each access
+        first = m.parametrizations.weight[0]
+        return id(first) if isinstance(first, SharedWeight) else id(m.parametrizations.weight)
+    return id(m.weight)
+
+
+def plan(model: nn.Module, cfg: ShareConfig) -> tuple[list[tuple[list[str], list[nn.Module], int]], list[str]]:
+    """([(names, modules, bits)] one entry per distinct weight, [skipped layer (why)]).
+
+    A weight reachable under several names (a module registered twice, or one Parameter
+    used by several modules) is one entry with every name; its names must agree on bits
+    (ConfigError before any work otherwise)."""
+    names_of: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        names_of.setdefault(id(m), []).append(n)
+    groups: dict[int, tuple[list[str], list[nn.Module]]] = {}
+    skipped = []
+    for n, m in model.named_modules():
+        if ".parametrizations." in f".{n}." or isinstance(m, parametrize.ParametrizationList):
+            continue  # torch.nn.utils.parametrize internals (their module is considered)
+        names = names_of[id(m)]
+        selected = [x for x in names if cfg.bits_for(x) is not None]
+        has_weight = isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2
+        if has_weight:
+            names_, mods = groups.setdefault(_weight_key(m), ([], []))
+            names_ += names
+            mods.append(m)
+        others = [p for p, t in m.named_parameters(recurse=False) if t.dim() >= 2 and p != "weight"]
+        if selected and others and not has_weight:
+            why = "recurrent weights are not shared" if isinstance(m, nn.RNNBase) else f"{', '.join(others)} not shared"
+            skipped.append(f"{n or '<root>'} ({type(m).__name__}: {why})")
+    out = []
+    for names, mods in groups.values():
+        bits = {x: cfg.bits_for(x) for x in names}
+        wanted = sorted({b for b in bits.values() if b is not None})
+        if not wanted:
+            continue
+        check(len(wanted) == 1, "ShareConfig.bits",
+              f"layers {' and '.join(repr(x) for x in names)} hold one tied weight but get bits "
+              f"{', '.join(f'{x}={b}' for x, b in bits.items())}; give them the same bits")
+        out.append((names, mods, wanted[0]))
+    return out, skipped
 
 
 def shared_layers(model: nn.Module) -> dict[str, SharedWeight]:
@@ -173,13 +235,18 @@ def round_floats_fp16(model: nn.Module) -> None:
 def apply(model: nn.Module, cfg: ShareConfig, task: Task | None = None) -> StageResult:
     """Share the weights of model in place (and return it): cluster, optionally fine-tune the
     centroids on task, optionally round the floats to fp16. ``save`` writes the compact archive."""
-    chosen = [(n, m, cfg.bits_for(n)) for n, m in model.named_modules()
-              if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2]
-    chosen = [(n, m, b) for n, m, b in chosen if b is not None]
+    chosen, skipped = plan(model, cfg)
     check(len(chosen) > 0, "ShareConfig.layers", "selects no module with a weight of dim >= 2; check the patterns against model.named_modules()")
     check(cfg.finetune is None or (task is not None and task.train is not None), "ShareConfig.finetune",
           "centroid fine-tuning needs a task with a train split; pass one or set finetune=None")
-    info: dict[str, Any] = {"layers": {n: share_layer(m, b, cfg) for n, m, b in chosen}}
+    if skipped:
+        warnings.warn(f"weight sharing skipped layers it cannot handle: {', '.join(skipped)}", stacklevel=2)
+    layers = {}
+    for names, mods, bits in chosen:
+        layers[names[0]] = share_layer(mods, bits, cfg)
+        if len(names) > 1:
+            layers[names[0]]["tied"] = names
+    info: dict[str, Any] = {"layers": layers}
     if cfg.finetune is not None:
         info["finetune"] = fit(model, task, cfg.finetune).to_dict()
     if cfg.fp16_floats:

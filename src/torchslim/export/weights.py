@@ -15,14 +15,83 @@ from ..errors import WeightsError
 from ..utils import atomic_write
 
 
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the model as it runs, under the names a plain model of the same
+    architecture has: every parametrized tensor (shared weights, any
+    ``torch.nn.utils.parametrize``) and ``torch.nn.utils.prune`` reparametrization becomes the
+    tensor it computes; the internals (``parametrizations.*``, codebooks, ``*_orig``/``*_mask``)
+    are dropped. The model is untouched (nothing is removed from it: a removal would delete the
+    generated property its class shares with any copy). A computation used under several names
+    (a tied weight, a module registered twice) is done once, so the names share one tensor."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils import prune as torch_prune
+
+    plain: dict[str, tuple[str, torch.Tensor] | None] = {}  # state key -> (plain name, value) or dropped
+    prefixes: dict[str, tuple[str, torch.Tensor]] = {}  # "x.parametrizations.weight." -> x.weight's
+    done: dict[tuple, torch.Tensor] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        prefix = f"{mname}." if mname else ""
+        if parametrize.is_parametrized(mod):
+            for pname, plist in mod.parametrizations.items():
+                key = (tuple(id(t) for t in [*plist.parameters(recurse=False), *plist.buffers(recurse=False)]),
+                       tuple(id(f) for f in plist))
+                if key not in done:
+                    with torch.no_grad():
+                        done[key] = getattr(mod, pname).detach()
+                prefixes[f"{prefix}parametrizations.{pname}."] = (prefix + pname, done[key])
+        for hook in mod._forward_pre_hooks.values():
+            if isinstance(hook, torch_prune.BasePruningMethod):
+                name = hook._tensor_name
+                plain[f"{prefix}{name}_orig"] = (prefix + name, getattr(mod, name).detach())
+                plain[f"{prefix}{name}_mask"] = None
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in model.state_dict().items():
+        base = next((p for p in prefixes if key.startswith(p)), None)
+        entry = prefixes[base] if base is not None else plain.get(key, (key, tensor))
+        if entry is not None and entry[0] not in out:
+            out[entry[0]] = entry[1]
+    return out
+
+
+def _storage(t: torch.Tensor) -> tuple:
+    return (t.device, t.untyped_storage().data_ptr()) if t.numel() else ("empty", id(t))
+
+
+def dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state with each tied tensor once, {dropped name: kept name}) -- safetensors refuses
+    tensors that share memory. Names holding the very same view become aliases (as
+    ``safetensors.torch.save_model`` records them); distinct views of one storage are copied."""
+    kept: dict[tuple, str] = {}
+    out: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for k, v in state.items():
+        v = v.detach()
+        ident = (*_storage(v), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype)
+        if ident in kept:
+            aliases[k] = kept[ident]
+            continue
+        kept[ident] = k
+        out[k] = v
+    seen: set[tuple] = set()
+    for k, v in out.items():
+        v = v.cpu().contiguous()
+        where = _storage(v)
+        out[k] = v.clone() if where in seen else v
+        seen.add(where)
+    return out, aliases
+
+
 def save_weights(model: nn.Module, path: str | Path) -> Path:
-    """Write model.state_dict() atomically (.safetensors by extension, else torch.save)."""
+    """Write the model as it runs (``plain_state_dict``) atomically: .safetensors by extension
+    (tied tensors stored once, their other names in the metadata), else torch.save."""
     path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = plain_state_dict(model)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        return atomic_write(path, lambda p: save_file(state, str(p)))
+        state, aliases = dedupe(state)
+        return atomic_write(path, lambda p: save_file(state, str(p), metadata=aliases or None))
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     return atomic_write(path, lambda p: torch.save(state, p))
 
 
@@ -32,13 +101,21 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsError(f"weights file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            state = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                metadata = f.metadata() or {}
         except (SafetensorError, OSError, ValueError) as exc:
             raise WeightsError(f"weights file {str(path)!r} is not a valid safetensors file ({exc})") from None
+        # a tied tensor is stored once; its other names are aliases in the metadata
+        # ({dropped: kept}, as safetensors.torch.save_model writes them): restore every name
+        for name, kept in metadata.items():
+            if name not in state and kept in state:
+                state[name] = state[kept]
+        return state
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
