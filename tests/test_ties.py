@@ -263,3 +263,16 @@ def test_run_a_recipe_on_a_tied_model(tmp_path):
     state = read_state_dict(tmp_path / "model.safetensors")
     assert not any("parametrizations" in k for k in state)
     assert torch.equal(state["a.0.weight"], state["b.0.weight"])
+
+
+@pytest.mark.parametrize("cls", [Tied, Alias])
+def test_archive_of_a_shared_tied_or_aliased_model_loads_back(tmp_path, cls):
+    """The archive holds the model as it runs under plain names (an aliased module's weights
+    used to stay under parametrization keys, and load_archive refused the file)."""
+    from torchslim.export.archive import load_archive, save_archive
+
+    model = make(cls)
+    share(model, ShareConfig(bits=2))
+    save_archive(model, tmp_path / "m.tsla")
+    back = load_archive(tmp_path / "m.tsla", make(cls, seed=5))
+    assert torch.equal(back(X), model(X))

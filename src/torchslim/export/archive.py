@@ -47,12 +47,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
-from torch.nn.utils import prune as torch_prune
 
 from ..errors import WeightsError
 from ..utils import atomic_write
 from . import codec
+from .weights import plain_state_dict  # the model as it runs, ties and aliases once
 
 MAGIC = b"TSLA"
 VERSION = 1
@@ -114,36 +113,6 @@ def inspect_archive(path: str | Path) -> dict[str, Any]:
     header_len = _PREFIX.unpack_from(blob)[3]
     return {"path": str(path), "format_version": VERSION, "bytes": len(blob),
             "header_bytes": _PREFIX.size + header_len + _CRC.size, "tensors": rows}
-
-
-def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict a plain model of the same architecture would have: parametrized tensors
-    (e.g. shared weights) and torch.nn.utils.prune reparametrizations become their effective
-    values under the plain name."""
-    rename: dict[str, str | None] = {}  # reparametrized key -> plain name (None: drop it)
-    drop: list[str] = []  # prefixes of parametrization internals (codebook, indices, mask)
-    values: dict[str, torch.Tensor] = {}
-    for mname, mod in model.named_modules():
-        prefix = f"{mname}." if mname else ""
-        if parametrize.is_parametrized(mod):
-            for pname in mod.parametrizations:
-                base = f"{prefix}parametrizations.{pname}."
-                rename[base + "original"] = rename[base + "original0"] = prefix + pname
-                drop.append(base)
-                values[prefix + pname] = getattr(mod, pname)
-        for hook in mod._forward_pre_hooks.values():
-            if isinstance(hook, torch_prune.BasePruningMethod):
-                name = hook._tensor_name
-                rename[f"{prefix}{name}_orig"], rename[f"{prefix}{name}_mask"] = prefix + name, None
-                values[prefix + name] = getattr(mod, name)
-    out = {}
-    for key, tensor in model.state_dict().items():
-        if key in rename:
-            if rename[key] is not None:
-                out[rename[key]] = values[rename[key]].detach().cpu()
-        elif not any(key.startswith(p) for p in drop):
-            out[key] = tensor.detach().cpu()
-    return out
 
 
 # ---------------------------------------------------------------- container
