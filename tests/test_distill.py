@@ -184,7 +184,10 @@ def test_transfer_example_smoke():
     assert [r["step"] for r in rows][-1] == "low-rank + distilled"
     dense, low = rows[1], rows[2]
     assert low["macs"] < 0.75 * dense["macs"] and low["bytes"] < dense["bytes"]
-    assert all(0 <= r["accuracy"] <= 1 for r in rows)
+    # distillation trains the compressed student without undoing it: same MACs, same bytes
+    distilled = rows[3]
+    assert (distilled["macs"], distilled["bytes"]) == (low["macs"], low["bytes"])
+    assert rows[0]["macs"] == dense["macs"]  # fine-tuning changes no structure
 
 
 def test_recovery_after_unstructured_pruning_keeps_pruned_weights_zero():

@@ -58,7 +58,7 @@ def small_task(cache, model):
 
 
 def test_loads_offline_as_fp32_eval(model):
-    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    # offline is proven by the fixture: it loads with every socket connection refused
     assert isinstance(model, M.SentenceEncoder) and not model.training
     assert all(p.dtype == torch.float32 for p in model.parameters())
     # .bert exposes the Linear layers and heads for pruning/quantization: 6 layers x 6 Linears

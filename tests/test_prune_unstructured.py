@@ -101,6 +101,19 @@ def test_taylor_pruning_keeps_highest_taylor_scores(trained, task):
     model = copy.deepcopy(trained)
     apply(model, PruneConfig(sparsity=0.5, criterion="taylor", taylor_batches=2), task)
     assert weight_sparsity(model) == pytest.approx(0.5, abs=1e-3)
+    # what was kept is what Taylor importance |w * dL/dw| ranks high (scored here on the dense
+    # model over 8 training batches, so not the exact batches the stage used): kept weights
+    # score far above pruned ones, and the choice differs from plain magnitude pruning
+    masks = masks_of(model)
+    scores = score_params(trained, list(masks), "taylor", task, batches=8)
+    kept = torch.cat([scores[n][m] for n, m in masks.items()])
+    pruned = torch.cat([scores[n][~m] for n, m in masks.items()])
+    assert kept.mean() > 5 * pruned.mean(), (kept.mean(), pruned.mean())
+    assert torch.quantile(kept, 0.5) > torch.quantile(pruned, 0.9)
+    by_magnitude = copy.deepcopy(trained)
+    apply(by_magnitude, PruneConfig(sparsity=0.5, criterion="magnitude"), task)
+    other = masks_of(by_magnitude)
+    assert any(not torch.equal(masks[n], other[n]) for n in masks)
 
 
 def test_cubic_schedule_closed_form():
