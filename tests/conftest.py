@@ -9,6 +9,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def pytest_configure(config):
+    # the gallery's torchvision cannot load its C ops beside the CPU torch; transformers imports
+    # torchvision when it is installed, so the workaround must come first (torchslim.compat)
+    from torchslim.compat import import_torchvision
+
+    import_torchvision()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     before = torch.get_num_threads()

@@ -61,11 +61,37 @@ class _OpRecorder(TorchDispatchMode):
 
 def _is_shape_leaf(m: nn.Module) -> bool:
     linear = hasattr(m, "in_features") and hasattr(m, "out_features")
-    return linear or (hasattr(m, "in_channels") and hasattr(m, "kernel_size"))
+    return linear or (hasattr(m, "in_channels") and hasattr(m, "kernel_size")) or isinstance(m, nn.RNNBase)
+
+
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+def _rnn_macs(m: nn.RNNBase, args: tuple) -> int:
+    """Closed form for torch's recurrent layers (their fused aten kernels have no FLOP formula):
+    per time step, layer and direction, gates x hidden x (layer input + hidden) MACs (plus the
+    LSTM projection when proj_size > 0)."""
+    x = args[0]
+    if not isinstance(x, torch.Tensor):  # a PackedSequence: its data holds every real step
+        x = x.data
+        steps_x_batch = x.shape[0]
+    else:
+        steps_x_batch = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
+    gates, dirs = _GATES.get(m.mode, 1), 2 if m.bidirectional else 1
+    out_h = m.proj_size or m.hidden_size
+    total = 0
+    for layer in range(m.num_layers):
+        width = m.input_size if layer == 0 else out_h * dirs
+        per_step = gates * m.hidden_size * (width + out_h) + (m.hidden_size * m.proj_size if m.proj_size else 0)
+        total += dirs * per_step
+    return steps_x_batch * total
 
 
 def _shape_macs(m: nn.Module, args: tuple, out: Any) -> int:
-    """MACs of a Linear/Conv call from its shapes alone (the float model's count)."""
+    """MACs of a Linear/Conv (or recurrent layer) call from its shapes alone (the float
+    model's count)."""
+    if isinstance(m, nn.RNNBase):
+        return _rnn_macs(m, args)
     if isinstance(out, (tuple, list)):
         out = out[0]
     if not isinstance(out, torch.Tensor):
@@ -111,6 +137,12 @@ def count_macs_detail(model: nn.Module, inputs: Any) -> tuple[int, list[str]]:
     """
     was_training = model.training
     model.eval()
+    # nn.MultiheadAttention / TransformerEncoderLayer take a fused "fast path" in eval mode
+    # without grad, whose kernels the counter cannot see; counted with it off (same math)
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
+    if mha is not None:
+        mha.set_fastpath_enabled(False)
     try:
         try:
             flops, found, notes = _count_with_counter(model, inputs)
@@ -120,6 +152,8 @@ def count_macs_detail(model: nn.Module, inputs: Any) -> tuple[int, list[str]]:
             notes = [f"MACs: counter failed ({why}); only Linear/Conv counted, from shapes"]
     finally:
         model.train(was_training)
+        if mha is not None:
+            mha.set_fastpath_enabled(fastpath)
     for note in notes:
         log.info(note)
     return int(flops) // 2 + sum(found.values()), notes

@@ -29,6 +29,24 @@ def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     return (outputs.argmax(dim=-1) == targets).float().mean().item()
 
 
+def tensor_loss(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """The task's loss, given the model's output as a Tensor, exactly as the metric is: a Hugging
+    Face ``ModelOutput`` (its logits), a tuple (its first element) or a dict ("logits" and the
+    other keys ``as_tensor`` knows) is reduced by ``as_tensor`` first, so the default
+    ``F.cross_entropy`` and a user's ``lambda out, y: ...`` both see logits. (A loss that needs
+    every head of a dict output belongs in a model wrapper that returns one tensor.)"""
+    if getattr(fn, "_torchslim_tensor_loss", False):
+        return fn
+
+    def loss(outputs: Any, targets: Any) -> torch.Tensor:
+        return fn(outputs if isinstance(outputs, torch.Tensor) else as_tensor(outputs), targets)
+
+    loss._torchslim_tensor_loss = True  # type: ignore[attr-defined]
+    loss.__wrapped__ = fn  # type: ignore[attr-defined]
+    loss.__name__ = getattr(fn, "__name__", "loss")
+    return loss
+
+
 def call_model(model: nn.Module, inputs: Any) -> torch.Tensor:
     """Run model on a batch's inputs (Tensor -> model(x); dict -> model(**x))."""
     if isinstance(inputs, Mapping):
@@ -59,6 +77,9 @@ class Task:
     extra_metrics: dict[str, Metric] = field(default_factory=dict)
     num_classes: int | None = None
     input_shape: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        self.loss = tensor_loss(self.loss)
 
     # ------------------------------------------------------------------ loading
     @staticmethod

@@ -8,6 +8,8 @@ Layout (a safetensors file, so loading never unpickles anything):
   checksum is verified on load. (Version 1 files, with "format" a metadata key of its own and
   no checksum, still load.)
 - ``enc = "dense"``: the tensor as is under ``key``;
+- ``enc = "alias"``: a tied name; the tensor is stored once under ``"of"`` and both names load
+  as one tensor;
 - ``enc = "bitmask"``: ``key::values`` (the non-zeros in row-major order, original dtype) and
   ``key::bitmask`` (uint8, numpy.packbits of the non-zero pattern, big-endian bit order);
 - ``enc = "gaps"``: ``key::values`` and ``key::gaps`` (uint8 distance from the previous stored
@@ -79,6 +81,8 @@ def _encode(key: str, t: torch.Tensor) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def _decode(key: str, meta: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     shape, enc = meta["shape"], meta["enc"]
+    if enc == "alias":  # restored as the same tensor object in load_sparse
+        raise KeyError(key)
     if enc == "dense":
         return tensors[key]
     values = tensors[f"{key}::values"]
@@ -97,12 +101,17 @@ def _decode(key: str, meta: dict, tensors: dict[str, torch.Tensor]) -> torch.Ten
 
 def save_sparse(model: nn.Module | dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
     """Write model's state_dict with non-zeros stored compactly (atomic write)."""
+    from .weights import dedupe
+
     state = model.state_dict() if isinstance(model, nn.Module) else model
+    state, aliases = dedupe(dict(state))  # a tied tensor is stored once (safetensors refuses twins)
     metas, tensors = {}, {}
     for key, t in state.items():
         meta, parts = _encode(key, t)
         metas[key] = meta
         tensors.update(parts)
+    for name, kept in aliases.items():
+        metas[name] = {"enc": "alias", "of": kept, "shape": metas[kept]["shape"]}
     meta = {"format": FORMAT, "tensors": metas, "sha256": tensor_digest(tensors)}
     header = {"torchslim.sparse": json.dumps(meta, sort_keys=True)}
     return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=header))
@@ -135,7 +144,8 @@ def load_sparse(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
     if digest is not None and tensor_digest(tensors) != digest:
         raise WeightsError(f"sparse file {str(path)!r} is damaged: its tensor data does not match its checksum")
     try:
-        state = {k: _decode(k, m, tensors) for k, m in metas.items()}
+        state = {k: _decode(k, m, tensors) for k, m in metas.items() if m.get("enc") != "alias"}
+        state.update({k: state[m["of"]] for k, m in metas.items() if m.get("enc") == "alias"})
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
         raise WeightsError(f"sparse file {str(path)!r} is damaged ({type(exc).__name__})") from None
     if model is None:

@@ -22,7 +22,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..errors import check
+from ..errors import ConfigError, check
 from ..task import call_model
 from ..utils import removing
 
@@ -35,10 +35,34 @@ RNN_TYPES = (nn.RNNBase,)
 
 
 def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
-    """Trace model once (Torch-Pruning needs autograd, so grad is forced on)."""
-    with torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(
-            model, example_inputs=example_inputs, forward_fn=call_model, verbose=False)
+    """Trace model once (Torch-Pruning needs autograd, so grad is forced on). A model its
+    tracer cannot follow is refused in one line (the model is a copy; nothing was changed)."""
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs, forward_fn=call_model, verbose=False)
+    except (RuntimeError, AttributeError, TypeError, KeyError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise ConfigError(f"StructuredPruneConfig: Torch-Pruning cannot trace {type(model).__name__} "
+                          f"({type(exc).__name__}: {first}); for transformers use transformer_prune "
+                          "(heads / FFN) or layer_drop") from None
+
+
+# attributes that mark a module splitting its projections into attention heads
+HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "num_key_value_heads")
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules that split their projections into heads (nn.MultiheadAttention, Hugging Face
+    self-attention): their Q/K/V/output widths are tied to num_heads x head_dim by a reshape
+    that Torch-Pruning cannot see, so channel pruning there breaks the view at run time."""
+    out = {}
+    for name, mod in model.named_modules():
+        if any(isinstance(getattr(mod, a, None), int) for a in HEAD_ATTRS) and any(
+                isinstance(c, (nn.Linear, nn.modules.conv._ConvNd)) or type(c).__name__ == "Conv1D"
+                for c in mod.modules() if c is not mod) or isinstance(mod, nn.MultiheadAttention):
+            out[name] = mod
+    return out
 
 
 def module_names(model: nn.Module) -> dict[nn.Module, str]:
@@ -59,7 +83,14 @@ def unsupported_layers(model: nn.Module) -> dict[str, str]:
     """name -> reason for layers whose channels we must not touch (custom, RNN, tied)."""
     out: dict[str, str] = {}
     owner: dict[int, str] = {}
+    for att_name, att in attention_modules(model).items():
+        for sub, child in att.named_modules():
+            if sub and any(True for _ in child.parameters(recurse=False)):
+                out[f"{att_name}.{sub}" if att_name else sub] = (
+                    f"attention projection of {att_name or '<model>'} (split into heads; use transformer_prune)")
     for name, mod in model.named_modules():
+        if name in out:
+            continue
         own = list(mod.named_parameters(recurse=False))
         if isinstance(mod, RNN_TYPES):
             out[name] = "recurrent layer"

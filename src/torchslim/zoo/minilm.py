@@ -103,6 +103,9 @@ def load_minilm(dropout: float = 0.0) -> SentenceEncoder:
     """
     check(0.0 <= dropout < 1.0, "load_minilm.dropout", "must be in [0, 1)")
     path = model_dir()
+    from ..compat import import_torchvision
+
+    import_torchvision()  # transformers imports it when installed; see compat.py
     from transformers import AutoModel
 
     bert = AutoModel.from_pretrained(
@@ -117,6 +120,9 @@ def load_minilm(dropout: float = 0.0) -> SentenceEncoder:
 def load_tokenizer() -> Any:
     """The bundled (uncased WordPiece) tokenizer, loaded offline; cached, it is stateless."""
     path = model_dir()
+    from ..compat import import_torchvision
+
+    import_torchvision()
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
