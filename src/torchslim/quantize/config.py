@@ -189,6 +189,11 @@ def quantizable_layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str
             ok[name] = mod
         elif isinstance(mod, (nn.Embedding, nn.EmbeddingBag, nn.modules.conv._ConvTransposeNd, nn.RNNBase)):
             not_ok[name] = f"{type(mod).__name__} has no low-bit kernel here"
+        elif not isinstance(mod, QUANTIZABLE) and any(
+                p.dim() >= 2 for p in mod.parameters(recurse=False)) and not isinstance(mod, nn.MultiheadAttention):
+            # a layer with its own weight matrix (HF Conv1D, a user's layer calling F.linear):
+            # no fake-quant wrapper for it, and the warning says so
+            not_ok[name] = f"{type(mod).__name__} holds its own weight matrix; only Linear/Conv layers are quantized"
     inside_mha = {n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     for name in [n for n in ok if any(n.startswith(p + ".") for p in inside_mha)]:
         not_ok[name] = "used inside nn.MultiheadAttention, which reads its weight directly"

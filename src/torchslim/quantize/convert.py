@@ -133,7 +133,14 @@ def to_torchao(model: nn.Module, plan: list[Any], cfg: Any, task: Task) -> Stage
     q, info = torchao_quantize(model, tcfg)
     if slow:
         info["known_slow_here"] = slow
-    info["max_abs_diff_vs_simulated"] = _agreement(q, model, task.example_inputs())
+    try:
+        info["max_abs_diff_vs_simulated"] = _agreement(q, model, task.example_inputs())
+    except (NotImplementedError, RuntimeError) as exc:
+        # torchao's int8 tensors implement the ops of a Linear call; a parent that reads the
+        # weight itself (nn.MultiheadAttention, HF ViT) needs ops they lack (aten.t, aten.view)
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"QuantConfig.backend='torchao': the quantized model cannot run ({first}); a module "
+                          "reads a quantized layer's weight directly; use backend='onnxruntime' or skip that layer") from None
     info["file_bytes"], info["file_format"] = saved_bytes(q), "torch.save state_dict (torchao)"
     return StageResult(q, info, save=save)
 

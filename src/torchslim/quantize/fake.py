@@ -204,6 +204,17 @@ class FakeQuantLayer(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         return self.wq(self.layer.weight)
 
+    # Code that reads a layer's tensors directly instead of calling it (nn.TransformerEncoder's
+    # fast-path checks, Hugging Face ViT's ``projection.weight.dtype``) sees what the simulation
+    # computes with: the fake-quantized weight (float when disabled) and the float bias.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.quantized_weight() if self.enabled else self.layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.layer.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.layer(x if self.input_divisor is None else x / self._divisor(x))

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import check
+from ..errors import ConfigError, check
 from ..export.onnx import export_onnx, ort_session, temp_onnx_path, to_feed
 from ..task import Task
 from ..utils import atomic_write
@@ -183,6 +183,11 @@ class TaskDataReader:
                 break
             feed = to_feed(inputs)
             self.feeds.append({k: v for k, v in feed.items() if k in input_names})
+        # ORT's calibrators stack every batch's outputs into one array: a smaller last batch
+        # made that a ragged array ("inhomogeneous shape"). Keep the batches shaped like the first.
+        if self.feeds:
+            shape = {k: v.shape for k, v in self.feeds[0].items()}
+            self.feeds = [f for f in self.feeds if {k: v.shape for k, v in f.items()} == shape]
         self._it = iter(self.feeds)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -248,8 +253,14 @@ def quantize_onnx(fp32_path: Path, out: Path, cfg: OrtQuantConfig, model: nn.Mod
         overrides = act_overrides(model, mapping, onnx.load(str(fp32_path)).graph) if model is not None else {}
         if overrides:
             extra["TensorQuantOverrides"] = overrides
-        quantize_static(str(fp32_path), str(out), reader, quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=method, extra_options=extra, **common)
+        try:
+            quantize_static(str(fp32_path), str(out), reader, quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method,
+                            extra_options=extra, **common)
+        except (ValueError, KeyError, RuntimeError) as exc:  # ORT's own errors on this graph: one line
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"QuantConfig.mode='static': ONNX Runtime's static quantization failed on this "
+                              f"graph ({first}); use mode='dynamic'") from None
     return {"excluded_nodes": exclude, "excluded_layers_not_found": missing, "matched_layers": len(mapping),
             "quantized_nodes": _count_quantized(out), **info,
             "activation_ranges_from_simulation": len(extra.get("TensorQuantOverrides", {}))}

@@ -80,6 +80,9 @@ class QuantizedWeights:
 def wrap(model: nn.Module, cfg: QuantConfig) -> dict[str, str]:
     """Replace quantizable layers of model (in place) by FakeQuantLayers; return float layers."""
     ok, float_layers = quantizable_layers(model)
+    aliases: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(m), []).append(n)
     for name, layer in ok.items():
         bits = cfg.bits_for(name)
         if bits is None:
@@ -90,11 +93,25 @@ def wrap(model: nn.Module, cfg: QuantConfig) -> dict[str, str]:
         aq = None
         if cfg.mode != "weights_only":
             aq = ActQuantizer(cfg.act_bits, cfg.act_scheme == "symmetric", dynamic=cfg.mode == "dynamic")
-        model.set_submodule(name, FakeQuantLayer(layer, wq, aq))
+        fq = FakeQuantLayer(layer, wq, aq)
+        for alias in aliases.get(id(layer), [name]):  # a module registered twice: one wrapper
+            model.set_submodule(alias, fq)
+        _module_path(model, name)
     cannot = {n: r for n, r in float_layers.items() if r != "kept float by the config"}
     if cannot:
         warnings.warn("left in float (cannot be quantized): " + "; ".join(f"{n}: {r}" for n, r in cannot.items()), stacklevel=2)
     return float_layers
+
+
+def _module_path(model: nn.Module, name: str) -> None:
+    """nn.TransformerEncoderLayer's fused fast path (eval, no grad) calls one kernel with its
+    Linears' raw tensors and never runs their forward, so a fake-quantized Linear inside it
+    would lose its activation quantization. ``activation_relu_or_gelu`` is read only to choose
+    that path (the slow path applies ``self.activation`` itself); setting it False makes the
+    layer run its submodules, with the same math."""
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    if isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        parent.activation_relu_or_gelu = False
 
 
 def set_layer_bits(model: nn.Module, name: str, bits: int | None) -> None:
@@ -220,6 +237,11 @@ def apply(model: nn.Module, cfg: QuantConfig, task: Task) -> StageResult:
             info["why_simulated"] = why
         return StageResult(qmodel, info, save=save_quantized)
     plan = [mixed.LayerChoice(d["layer"], None if d["bits"] == "float" else d["bits"], d["sensitivity"]) for d in info["plan"]]
+    # layers the config keeps float (skip, layer_bits None) are not wrapped, so not in the
+    # simulation's plan: hand them to the backend as float too, or it quantizes them anyway
+    planned = {c.layer for c in plan}
+    plan += [mixed.LayerChoice(n, None) for n, why in info.get("float_layers", {}).items()
+             if why == "kept float by the config" and n not in planned]
     result = convert(qmodel, plan, cfg, task)
     result.info = {**info, **result.info}
     return result
