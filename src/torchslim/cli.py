@@ -15,14 +15,30 @@ from .errors import TorchslimError
 from .utils import console
 
 
+def _bounded(low: int, high: int):
+    """argparse type: an integer in [low, high] (argparse reports a bad one and exits 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train (or load) LeNet-300-100 on digits, compress it, print the table",
                        description="The main job on the bundled default: LeNet-300-100 on sklearn digits.")
     p.add_argument("--out", default="out", help="output directory (default: out/)")
     p.add_argument("--cache-dir", default=None, help="where the trained baseline is cached (default: $TORCHSLIM_CACHE or ~/.cache/torchslim)")
     p.add_argument("--retrain", action="store_true", help="ignore the cached baseline")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for training and latency (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_bounded(1, 1024), default=None,
+                   help="torch threads for training and latency, 1-1024 (default: torch's)")
+    p.add_argument("--seed", type=_bounded(0, 2**63 - 1), default=0)
     p.set_defaults(func=_cmd_demo)
 
 
@@ -32,8 +48,8 @@ def _add_measure(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", required=True, help="zoo task (digits, mnist1d, minilm) or 'package.module:function'")
     p.add_argument("--model", required=True, help="zoo model (lenet300, lenet5, rescnn1d, mlp, minilm) or 'package.module:function'")
     p.add_argument("--weights", default=None, help="state dict (.safetensors, or .pt loaded with weights_only=True)")
-    p.add_argument("--batch-size", type=int, default=256, help="batch size for latency (default 256)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for latency")
+    p.add_argument("--batch-size", type=_bounded(1, 65_536), default=256, help="batch size for latency, 1-65536 (default 256)")
+    p.add_argument("--threads", type=_bounded(1, 1024), default=None, help="torch threads for latency, 1-1024")
     p.add_argument("--json", default=None, help="also write the record to this JSON file")
     p.set_defaults(func=_cmd_measure)
 
@@ -171,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _FAULTS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EACCES: "permission denied",
-           errno.EPERM: "operation not permitted", errno.EROFS: "read-only file system"}
+           errno.EPERM: "operation not permitted", errno.EROFS: "read-only file system",
+           errno.ENOTDIR: "not a directory", errno.EISDIR: "is a directory", errno.EEXIST: "already exists",
+           errno.ENAMETOOLONG: "file name too long", errno.ENOENT: "no such file or directory"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -186,8 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         if exc.errno not in _FAULTS:
             raise
-        # a fault of the machine, not of the input: one line, exit 1; writes are atomic, so no
-        # half-written file is left under a final name
+        # a fault of the machine or of a path given (not a file where a folder belongs): one
+        # line, exit 1; writes are atomic, so no half-written file is left under a final name
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"torchslim: error: {_FAULTS[exc.errno]}{where}: {exc.strerror}", file=sys.stderr)
         return 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -284,7 +285,33 @@ def _hints(cls: type) -> dict[str, Any]:
         return {}
 
 
+MAX_NUMBER = 1e9  # any number in a stage config; seeds may go up to 2**63 - 1
+
+
+def _sane(hint: Any, value: Any, path: str) -> None:
+    """Recipe-wide rules for numbers, before the field's own checks: a bool is not a number
+    (pydantic's lax mode would take ``epochs: true`` as 1), numbers are finite, and within
+    +-1e9 (a budget of 1e30 steps hangs; seeds up to 2**63 - 1)."""
+    if isinstance(value, bool):
+        if hint is not bool and "bool" not in str(hint) and hint is not Any:
+            _raise(f"{path}: must be a number, got {value!r}")
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        _raise(f"{path}: must be a finite number, got {value!r}")
+    if isinstance(value, (int, float)):
+        limit = 2**63 - 1 if path.rsplit(".", 1)[-1] == "seed" else MAX_NUMBER
+        if abs(value) > limit:
+            _raise(f"{path}: must be within +-{limit:g}, got {value!r}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _sane(Any, v, f"{path}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _sane(Any, v, f"{path}.{k}")
+
+
 def _coerce(hint: Any, value: Any, path: str) -> Any:
+    _sane(hint, value, path)
     nested = _dataclass_in(hint)
     if nested is not None and isinstance(value, dict):
         return build_dataclass(nested, value, path)

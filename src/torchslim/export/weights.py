@@ -124,8 +124,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"weights file {str(path)!r} refused: it holds pickled objects that weights_only=True "
             f"does not allow ({first[:120]}); save a plain state_dict or use .safetensors"
         ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise WeightsError(f"weights file {str(path)!r} cannot be read: {str(exc).splitlines()[0][:160]}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, UnicodeDecodeError, KeyError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"weights file {str(path)!r} cannot be read (damaged or not a torch file): {first}") from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(obj.get(key), dict):

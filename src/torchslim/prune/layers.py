@@ -96,7 +96,9 @@ def removable(model: nn.Module, names: list[str], inputs: Any) -> dict[str, str 
     shapes = io_shapes(model, names, inputs)
     why = {}
     for n in names:
-        if n not in shapes:
+        if not any(True for _ in model.get_submodule(n).parameters()):
+            why[n] = "it has no weights (removing it saves nothing)"
+        elif n not in shapes:
             why[n] = "it does not run in the forward pass"
         elif shapes[n][0] != shapes[n][1]:
             why[n] = f"its input {shapes[n][0]} and output {shapes[n][1]} differ, so an identity cannot replace it"
@@ -106,10 +108,23 @@ def removable(model: nn.Module, names: list[str], inputs: Any) -> dict[str, str 
 
 
 def bypass(model: nn.Module, names: list[str]) -> nn.Module:
-    """Replace each named submodule by a Bypass, in place."""
+    """Replace each named submodule by a Bypass, in place. A layer of nn.TransformerEncoder /
+    Decoder is deleted from its ModuleList instead (and num_layers lowered): their forward
+    reads ``layers[0].self_attn`` to choose a fast path, so a Bypass there would break it."""
+    owners = {f"{n}.layers" if n else "layers": m for n, m in model.named_modules()
+              if isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder))}
+    drop: dict[str, list[int]] = {}
     for n in names:
         parent, _, child = n.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, Bypass(n))
+        if parent in owners and child.isdigit():
+            drop.setdefault(parent, []).append(int(child))
+        else:
+            setattr(model.get_submodule(parent) if parent else model, child, Bypass(n))
+    for parent, idxs in drop.items():
+        layers = model.get_submodule(parent)
+        for i in sorted(idxs, reverse=True):
+            del layers[i]
+        owners[parent].num_layers = len(layers)
     return model
 
 

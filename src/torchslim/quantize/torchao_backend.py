@@ -78,14 +78,20 @@ def defake(model: nn.Module) -> nn.Module:
     from .fake import FakeQuantLayer
 
     model = copy.deepcopy(model)
-    for name, m in list(model.named_modules()):
+    done: dict[int, nn.Module] = {}  # one float layer per wrapper: a module registered twice stays one
+    for name, m in list(model.named_modules(remove_duplicate=False)):
         if isinstance(m, FakeQuantLayer):
-            layer = m.layer
-            if m.input_divisor is not None:
-                div = m.input_divisor if isinstance(layer, nn.Linear) else m.input_divisor.reshape(-1, *([1] * (layer.weight.dim() - 2)))
-                layer = nn.Sequential(_DivideInput(div.detach().clone()), layer)
-            model.set_submodule(name, layer)
+            if id(m) not in done:
+                layer = m.layer
+                if m.input_divisor is not None:
+                    div = m.input_divisor if isinstance(layer, nn.Linear) else m.input_divisor.reshape(-1, *([1] * (layer.weight.dim() - 2)))
+                    layer = nn.Sequential(_DivideInput(div.detach().clone()), layer)
+                done[id(m)] = layer
+            model.set_submodule(name, done[id(m)])
     return model
+
+
+MIN_IN_FEATURES = 16
 
 
 def torchao_quantize(model: nn.Module, cfg: TorchaoConfig | None = None) -> tuple[nn.Module, dict[str, Any]]:
@@ -98,12 +104,22 @@ def torchao_quantize(model: nn.Module, cfg: TorchaoConfig | None = None) -> tupl
     keep = set(cfg.skip) | {f"{n}.1" for n in cfg.skip}
     quantized, float_layers = [], {}
     for name, m in q.named_modules():
-        if isinstance(m, nn.Linear) and name not in keep:
+        if isinstance(m, nn.Linear) and m.in_features < MIN_IN_FEATURES:
+            # torchao's per-row int8 path reshapes the weight by groups of inputs and fails on
+            # a Linear(1, 64) ("shape '[64, 1]' is invalid"); a layer this small gains nothing
+            float_layers[name] = f"in_features {m.in_features} < {MIN_IN_FEATURES}: too small for torchao's int8 kernels"
+            keep.add(name)
+        elif isinstance(m, nn.Linear) and name not in keep:
             quantized.append(name)
         elif isinstance(m, nn.Linear):
             float_layers[name] = "kept float by the plan"
         elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)):
             float_layers[name] = f"{type(m).__name__}: torchao {cfg.scheme} handles nn.Linear only"
+        elif any(p.dim() >= 2 for p in m.parameters(recurse=False)) and not isinstance(m, nn.MultiheadAttention):
+            float_layers[name] = f"{type(m).__name__} holds its own weight matrix; torchao quantizes nn.Linear only"
+    named = [f"{n}: {w}" for n, w in float_layers.items() if w != "kept float by the plan"]
+    if named:
+        warnings.warn("torchao left in float: " + "; ".join(named), stacklevel=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize_(q, ao_config(cfg), filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn not in keep)

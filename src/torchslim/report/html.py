@@ -121,11 +121,15 @@ def write_report(run_json: str | Path, out: str | Path | None = None) -> Path:
     if not path.is_file():
         raise TorchslimError(f"report: {str(path)!r} does not exist (give the run.json of a `torchslim run`)")
     try:
-        run = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise TorchslimError(f"report: {str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(run, dict) or not isinstance(run.get("rows"), list):
-        raise TorchslimError(f"report: {str(path)!r} has no 'rows' list; is it a torchslim run.json?")
+        run = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise TorchslimError(f"report: {str(path)!r} is not UTF-8 text; is it a torchslim run.json?") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        why = f"{exc.msg} at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else "nested too deep"
+        raise TorchslimError(f"report: {str(path)!r} is not valid JSON ({why})") from None
+    rows = run.get("rows") if isinstance(run, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise TorchslimError(f"report: {str(path)!r} has no 'rows' list of stage rows; is it a torchslim run.json?")
     target = Path(out) if out else path.with_name("report.html")
     atomic_write_text(target, render(run))
     save_pngs(run, target.parent)

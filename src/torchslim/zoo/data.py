@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -81,10 +82,24 @@ def mnist1d(num_samples: int = 10000, batch_size: int = 128, seed: int = 0) -> T
 def from_arrays(
     name: str, x: np.ndarray, y: np.ndarray, batch_size: int = 64, seed: int = 0
 ) -> Task:
-    """A classification task from feature and label arrays (stratified 60/20/20 split)."""
-    x = np.asarray(x, np.float32).reshape(len(x), -1)
-    y = np.asarray(y)
-    classes = np.unique(y)
+    """A classification task from feature and label arrays (stratified 60/20/20 split).
+    Arrays that cannot make one (not numeric, lengths differ, too few samples per class) are a
+    one-line TaskError naming the problem."""
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim == 0 or y.ndim != 1:
+        raise TaskError(f"{name}: features must be an array of samples and labels a 1-D array "
+                        f"(got shapes {x.shape} and {y.shape})")
+    if len(x) != len(y):
+        raise TaskError(f"{name}: {len(x)} feature rows but {len(y)} labels")
+    if x.dtype.kind not in "biuf":
+        raise TaskError(f"{name}: features must be numeric, got dtype {x.dtype}")
+    if y.dtype.kind not in "biu" and not (y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y))):
+        raise TaskError(f"{name}: labels must be integers, got dtype {y.dtype}")
+    x = x.astype(np.float32).reshape(len(x), -1)
+    classes, counts = np.unique(y, return_counts=True)
+    if len(classes) < 2 or counts.min() < 5:
+        raise TaskError(f"{name}: need at least 2 classes with 5 samples each for a stratified "
+                        f"train/val/test split (got {len(y)} samples, smallest class {int(counts.min()) if len(counts) else 0})")
     y = np.searchsorted(classes, y).astype(np.int64)
     splits = _stratified_split(x, y, seed=seed, val=0.2, test=0.2)
     loaders = loaders_from_arrays(splits, batch_size, seed)
@@ -96,18 +111,39 @@ def npz(path: str, x_key: str = "x", y_key: str = "y", batch_size: int = 64, see
     p = Path(path)
     if not p.is_file():
         raise TaskError(f"npz task: file {str(p)!r} does not exist")
-    with np.load(p, allow_pickle=False) as f:
-        missing = [k for k in (x_key, y_key) if k not in f]
-        if missing:
-            raise TaskError(f"npz task {str(p)!r}: no array named {missing[0]!r} (has {sorted(f.files)})")
-        return from_arrays(p.stem, f[x_key], f[y_key], batch_size, seed)
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            missing = [k for k in (x_key, y_key) if k not in f]
+            if missing:
+                raise TaskError(f"npz task {str(p)!r}: no array named {missing[0]!r} (has {sorted(f.files)})")
+            x, y = f[x_key], f[y_key]
+    except TaskError:
+        raise
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:  # a damaged file
+        raise TaskError(f"npz task {str(p)!r}: not a readable .npz of numeric arrays ({type(exc).__name__}: "
+                        f"{str(exc).strip()[:120]})") from None
+    if not isinstance(x, np.ndarray):
+        raise TaskError(f"npz task {str(p)!r}: {x_key!r} is not an array")
+    return from_arrays(p.stem, x, y, batch_size, seed)
 
 
 def csv(path: str, label_column: int = -1, batch_size: int = 64, seed: int = 0) -> Task:
     """A user's numeric CSV with a header row; one column holds integer labels."""
+    import warnings
+
     if not os.path.isfile(path):
         raise TaskError(f"csv task: file {path!r} does not exist")
-    arr = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2)
-    y = arr[:, label_column].astype(np.int64)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # numpy warns on an empty file; we raise instead
+            arr = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2)
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise TaskError(f"csv task {path!r}: not a numeric CSV with a header row ({first})") from None
+    if arr.size == 0 or arr.shape[1] < 2:
+        raise TaskError(f"csv task {path!r}: needs a header row and data rows with features and a label column")
+    if not -arr.shape[1] <= label_column < arr.shape[1]:
+        raise TaskError(f"csv task {path!r}: label_column {label_column} is out of range for {arr.shape[1]} columns")
+    y = arr[:, label_column]
     x = np.delete(arr, label_column % arr.shape[1], axis=1)
     return from_arrays(Path(path).stem, x, y, batch_size, seed)
