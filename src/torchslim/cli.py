@@ -172,8 +172,17 @@ def _cmd_machine(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``torchslim: error: ...``, exit 2) like every
+    other bad input, not a usage block; ``--help`` is unchanged."""
+
+    def error(self, message: str):
+        command = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        raise TorchslimError(f"{command}: {message}" if command else message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="torchslim", description="Make trained PyTorch models really smaller and faster, and measure it."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -195,8 +204,8 @@ _FAULTS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         return args.func(args)
     except TorchslimError as exc:
         print(f"torchslim: error: {exc}", file=sys.stderr)
