@@ -91,7 +91,7 @@ def defake(model: nn.Module) -> nn.Module:
     return model
 
 
-MIN_IN_FEATURES = 16
+MIN_IN_FEATURES = 2  # torchao 0.18's int8 paths fail on a single input feature; 2 and up work
 
 
 def torchao_quantize(model: nn.Module, cfg: TorchaoConfig | None = None) -> tuple[nn.Module, dict[str, Any]]:
@@ -105,9 +105,9 @@ def torchao_quantize(model: nn.Module, cfg: TorchaoConfig | None = None) -> tupl
     quantized, float_layers = [], {}
     for name, m in q.named_modules():
         if isinstance(m, nn.Linear) and m.in_features < MIN_IN_FEATURES:
-            # torchao's per-row int8 path reshapes the weight by groups of inputs and fails on
-            # a Linear(1, 64) ("shape '[64, 1]' is invalid"); a layer this small gains nothing
-            float_layers[name] = f"in_features {m.in_features} < {MIN_IN_FEATURES}: too small for torchao's int8 kernels"
+            # torchao's int8 path fails on a Linear(1, 64) ("shape '[64, 1]' is invalid"; checked:
+            # 2, 3, 4, 8 inputs work); a layer this small gains nothing from int8 anyway
+            float_layers[name] = f"in_features {m.in_features}: torchao's int8 kernels need >= {MIN_IN_FEATURES} inputs"
             keep.add(name)
         elif isinstance(m, nn.Linear) and name not in keep:
             quantized.append(name)
