@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -26,7 +28,6 @@ from torchslim.measure import (
     peak_memory,
     state_dict_bytes,
 )
-from torchslim.measure_memory import _sampled_rss_peak
 from torchslim.zoo import build_model, build_task
 
 # torch.ao dynamic quantization and the TorchScript ONNX exporter serve as peers here; their
@@ -202,7 +203,21 @@ def test_peak_memory_equals_allocated_bytes():
 
     peak, _ = peak_memory(work)
     assert size <= peak <= size + 2**20
-    assert 0.9 * size <= _sampled_rss_peak(work) <= 3 * size  # the fallback sees it as well
+    # the fallback sees it as well. RSS is process-wide: in a full run other tests' threads and
+    # the allocator's reuse of pages freed a moment ago blur it (issue 9: 4 KiB seen once), so
+    # it is checked in a fresh process where only this allocation moves it
+    code = (
+        "import time, torch\n"
+        "from torchslim.measure_memory import _sampled_rss_peak\n"
+        f"size = {size}\n"
+        "def work():\n"
+        "    buf = torch.ones(size // 4)\n"
+        "    time.sleep(0.3)\n"
+        "    return buf.sum()\n"
+        "print(_sampled_rss_peak(work))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert 0.9 * size <= int(out.split()[-1]) <= 3 * size
 
 
 # ---------------------------------------------------------------------------- config / record
