@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from .measure import Record
+# Rows are torchslim.measure.Record objects; not imported here, so that measure.py can re-export
+# format_records without an import cycle.
+Record = Any
 
 
 def _si(n: float | None) -> str:
