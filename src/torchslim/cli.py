@@ -168,7 +168,7 @@ def _cmd_machine(args: argparse.Namespace) -> int:
     yes = [k for k, v in facts["isa_facts"].items() if v is True]
     print(f"features: {', '.join(yes) or 'none known'}; {facts['threads']} torch threads, {facts['cores']} cores")
     if int8_saturates():
-        print("int8: no VNNI here: 8-bit u8*s8 kernels can saturate; torchslim's default plans use 7-bit weights")
+        print("int8: no VNNI here: 8-bit u8*s8 kernels can saturate; torchslim's ONNX Runtime int8 uses 7-bit weights (reduce_range)")
     return 0
 
 
