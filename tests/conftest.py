@@ -23,3 +23,17 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def lenet300_digits():
+    """(LeNet-300-100 briefly trained on digits, in eval mode; the digits task), built per test
+    module: the reference model of the int8 backend tests."""
+    from torchslim.train import TrainConfig, fit
+    from torchslim.zoo import build_model, build_task
+
+    task = build_task("digits")
+    torch.manual_seed(0)
+    model = build_model("lenet300", task)
+    fit(model, task, TrainConfig(epochs=1, max_steps=60, lr=3e-3, seed=0, device="cpu"))
+    return model.eval(), task

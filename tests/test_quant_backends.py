@@ -28,19 +28,14 @@ from torchslim.quantize.config import BACKENDS, QuantConfig
 from torchslim.quantize.mixed import LayerChoice
 from torchslim.quantize.ort_backend import layer_nodes
 from torchslim.task import Task
-from torchslim.train import TrainConfig, fit
-from torchslim.zoo import build_model, build_task
+from torchslim.zoo import build_model
 
 warnings.filterwarnings("ignore")
 
 
 @pytest.fixture(scope="module")
-def digits():
-    task = build_task("digits")
-    torch.manual_seed(0)
-    model = build_model("lenet300", task)
-    fit(model, task, TrainConfig(epochs=1, max_steps=60, lr=3e-3, seed=0, device="cpu"))
-    return model.eval(), task
+def digits(lenet300_digits):
+    return lenet300_digits
 
 
 def _logits(model, task):

@@ -20,19 +20,13 @@ from torchslim import isa
 from torchslim.quantize import fake, isa_plan, ptq
 from torchslim.quantize.backends import OrtQuantConfig, ort_quantize
 from torchslim.quantize.config import QuantConfig
-from torchslim.train import TrainConfig, fit
-from torchslim.zoo import build_model, build_task
 
 AGREE = 1e-3  # as tests/test_quant_backends.py: ORT vs simulation, max gap / logit range
 
 
 @pytest.fixture(scope="module")
-def digits():
-    task = build_task("digits")
-    torch.manual_seed(0)
-    model = build_model("lenet300", task)
-    fit(model, task, TrainConfig(epochs=1, max_steps=60, lr=3e-3, seed=0, device="cpu"))
-    return model.eval(), task
+def digits(lenet300_digits):
+    return lenet300_digits
 
 
 def _logits(model, task):

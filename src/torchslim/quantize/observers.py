@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import fake
+from . import qmath
 
 
 def _rows(samples: torch.Tensor) -> torch.Tensor:
@@ -67,14 +67,14 @@ def mse(x: torch.Tensor, symmetric: bool, bits: int, grid: int = 100,
     """Per row, the range ratio r in {1/grid, ..., 1} of min/max minimising sum (fq(x) - x)^2
     (on the integer grid the quantizer will use: ``reduce_range`` = ONNX Runtime's 7-bit one)."""
     lo0, hi0 = minmax(x, symmetric)
-    qmin, qmax = fake.qrange(bits, symmetric, reduce_range)
+    qmin, qmax = qmath.qrange(bits, symmetric, reduce_range)
     best_err = torch.full_like(lo0, float("inf"))
     best_lo, best_hi = lo0.clone(), hi0.clone()
     for k in range(1, int(grid) + 1):
         r = k / grid
         lo, hi = lo0 * r, hi0 * r
-        scale, zp = fake.qparams(lo, hi, bits, symmetric, reduce_range)
-        err = (fake.fake_quantize(x, scale[:, None], zp[:, None], qmin, qmax) - x).pow(2).sum(dim=1)
+        scale, zp = qmath.qparams(lo, hi, bits, symmetric, reduce_range)
+        err = (qmath.fake_quantize(x, scale[:, None], zp[:, None], qmin, qmax) - x).pow(2).sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
@@ -127,7 +127,7 @@ def _kl_at(hist: np.ndarray, i: int, levels: int) -> float:
 def observe(samples: torch.Tensor, method: str = "minmax", bits: int = 8, symmetric: bool = False,
             param: float | None = None, reduce_range: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(lo, hi) of samples by ``method``; scalars for 1-D samples, per-row vectors for 2-D.
-    ``reduce_range``: the range will be quantized on ONNX Runtime's 7-bit grid (fake.qrange);
+    ``reduce_range``: the range will be quantized on ONNX Runtime's 7-bit grid (qmath.qrange);
     only the MSE search depends on it."""
     x = _rows(samples)
     if method == "minmax":
