@@ -70,3 +70,87 @@ def test_inspect_damaged_files_is_one_line(tmp_path, capsys, damage):
     assert cli.main(["inspect", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("torchslim: error: inspect:")
+
+
+def _flip_in(data: bytearray, needle: bytes) -> bytearray:
+    """Flip one bit inside the first occurrence of needle (a tensor's raw bytes in the file)."""
+    at = bytes(data).find(needle)
+    assert at >= 0, "tensor bytes not found in the file"
+    data[at + len(needle) // 2] ^= 0x01
+    return data
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_weights_checksum_catches_a_flipped_byte(tmp_path, suffix):
+    from torchslim.export.weights import read_state_dict, save_weights
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    path = save_weights(model, tmp_path / f"w{suffix}")
+    state = read_state_dict(path)
+    assert set(state) == set(model.state_dict())  # the checksum entry is not a weight
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    raw = model[0].weight.detach().numpy().tobytes()
+    path.write_bytes(bytes(_flip_in(bytearray(path.read_bytes()), raw[:256])))
+    with pytest.raises(WeightsError, match="does not match its checksum"):
+        read_state_dict(path)
+
+
+def test_quantized_file_checksum(tmp_path):
+    from torchslim.export.weights import read_state_dict
+    from torchslim.quantize import QuantConfig, simulate
+    from torchslim.quantize.ptq import save_quantized
+    from torchslim.zoo import build_model, build_task
+
+    task = build_task("digits", batch_size=64)
+    model = build_model("lenet300", task)
+    qmodel, _ = simulate(model, QuantConfig(mode="weights_only", backend="simulate"), task)
+    path = tmp_path / "q.pt"
+    save_quantized(qmodel, str(path))
+    state = read_state_dict(path)
+    assert any(k.endswith(".qweight") for k in state)
+    q = next(v for k, v in state.items() if k.endswith(".qweight"))
+    path.write_bytes(bytes(_flip_in(bytearray(path.read_bytes()), q.numpy().tobytes()[:256])))
+    with pytest.raises(WeightsError, match="does not match its checksum"):
+        read_state_dict(path)
+
+
+def test_onnx_checksum_is_checked_by_inspect(tmp_path, capsys):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from torchslim.export.onnx import export_onnx
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    path = export_onnx(model, torch.randn(2, 32), tmp_path / "m.onnx")
+    assert any(p.key == "torchslim.sha256" for p in onnx.load(str(path)).metadata_props)
+    assert cli.main(["inspect", str(path)]) == 0
+    capsys.readouterr()
+    init = max(onnx.load(str(path)).graph.initializer, key=lambda t: numpy_helper.to_array(t).size)
+    raw = np.ascontiguousarray(numpy_helper.to_array(init)).tobytes()
+    path.write_bytes(bytes(_flip_in(bytearray(path.read_bytes()), raw[:256])))
+    assert cli.main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not match its checksum" in err[0]
+
+
+def test_torchao_file_checksum_and_inspect(tmp_path, capsys):
+    pytest.importorskip("torchao")
+    from torchslim.export.weights import read_state_dict
+    from torchslim.quantize.torchao_backend import TorchaoConfig, save_torchao, torchao_quantize
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    q, _ = torchao_quantize(model, TorchaoConfig(scheme="int8_weight_only", skip=()))
+    path = tmp_path / "ao.pt"
+    save_torchao(q, str(path))
+    state = read_state_dict(path)
+    assert set(state) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert cli.main(["inspect", str(path)]) == 0
+    assert "0.weight.qdata" in capsys.readouterr().out
+    raw = state["0.weight"].qdata.numpy().tobytes()
+    path.write_bytes(bytes(_flip_in(bytearray(path.read_bytes()), raw[:256])))
+    with pytest.raises(WeightsError, match="does not match its checksum"):
+        read_state_dict(path)

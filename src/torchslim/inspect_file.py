@@ -75,9 +75,14 @@ def _state_dict(p: Path, table, kind: str):
         state = _read_as(p, ".pt", read_state_dict)
     for col in ("tensor", "shape", "dtype", "non-zeros", "bytes"):
         table.add_column(col)
-    for k, v in state.items():
-        table.add_row(k, str(tuple(v.shape)), str(v.dtype).replace("torch.", ""),
-                      f"{int((v != 0).sum()):,}", f"{v.numel() * v.element_size():,}")
+    from .export.digest import leaves
+
+    for key, value in state.items():  # a tensor subclass (torchao int8) shows its stored parts
+        for k, v in leaves(key, value):
+            if k.endswith("|ctx"):
+                continue
+            table.add_row(k, str(tuple(v.shape)), str(v.dtype).replace("torch.", ""),
+                          f"{int((v != 0).sum()):,}", f"{v.numel() * v.element_size():,}")
     return table
 
 
@@ -105,6 +110,11 @@ def _onnx(p: Path, table):
         raise TorchslimError(f"inspect: {str(p)!r} is not a valid ONNX model ({first})") from None
     if not model.graph.node:
         raise TorchslimError(f"inspect: {str(p)!r} is not a valid ONNX model (no graph nodes)")
+    from .export.digest import onnx_damage
+
+    damage = onnx_damage(model)
+    if damage:
+        raise TorchslimError(f"inspect: {str(p)!r}: {damage}")
     ops: dict[str, int] = {}
     for node in model.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1

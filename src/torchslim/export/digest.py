@@ -20,3 +20,74 @@ def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype!s}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def leaves(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Plain tensors behind ``t``: a tensor subclass (torchao's int8 tensors) is flattened into
+    its inner tensors (``__tensor_flatten__``), whose bytes are what the file really stores."""
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter or not hasattr(t, "__tensor_flatten__"):
+        return [(name, t)]
+    inner, ctx = t.__tensor_flatten__()
+    out = [(f"{name}|ctx", torch.frombuffer(bytearray(repr(ctx).encode()), dtype=torch.uint8))]
+    for key in inner:
+        out += leaves(f"{name}.{key}", getattr(t, key))
+    return out
+
+
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """``tensor_digest`` over a state dict that may hold tensor subclasses."""
+    return tensor_digest(dict(leaf for k, v in state.items() for leaf in leaves(k, v)))
+
+
+# torch.save files have no metadata field (and their zip CRCs are not checked on load), so the
+# checksum travels as one reserved entry: a uint8 tensor holding the hex digest.
+TORCH_KEY = "__torchslim__.sha256"
+SAFETENSORS_KEY = "torchslim.sha256"
+
+
+def stamp_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """state plus its checksum entry (for torch.save)."""
+    digest = state_digest(state)
+    return {**state, TORCH_KEY: torch.frombuffer(bytearray(digest.encode()), dtype=torch.uint8)}
+
+
+def check_state(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+    """Pop and verify the checksum entry of a torch file (files without one pass: other tools')."""
+    from ..errors import WeightsError
+
+    stored = state.pop(TORCH_KEY, None)
+    if stored is None:
+        return state
+    if stored.dtype != torch.uint8 or stored.ndim != 1 or bytes(stored.tolist()).decode(errors="replace") != state_digest(state):
+        raise WeightsError(f"weights file {path!r} is damaged: its tensor data does not match its checksum; re-export it")
+    return state
+
+
+def onnx_digest(model) -> str:
+    """SHA-256 of an ONNX model's graph (nodes, initializers, inputs/outputs) and opsets."""
+    h = hashlib.sha256(model.graph.SerializeToString(deterministic=True))
+    for op in model.opset_import:
+        h.update(op.SerializeToString(deterministic=True))
+    return h.hexdigest()
+
+
+ONNX_KEY = "torchslim.sha256"
+
+
+def stamp_onnx_bytes(data: bytes) -> bytes:
+    """The ONNX model in ``data`` with its checksum in ``metadata_props`` (replacing an old one)."""
+    import onnx
+
+    model = onnx.load_from_string(data)
+    for prop in [p for p in model.metadata_props if p.key == ONNX_KEY]:
+        model.metadata_props.remove(prop)
+    model.metadata_props.add(key=ONNX_KEY, value=onnx_digest(model))
+    return model.SerializeToString(deterministic=True)
+
+
+def onnx_damage(model) -> str | None:
+    """Why an ONNX model's stored checksum does not hold (None when it holds or there is none)."""
+    stored = next((p.value for p in model.metadata_props if p.key == ONNX_KEY), None)
+    if stored is None or stored == onnx_digest(model):
+        return None
+    return "its graph does not match its checksum (the file is damaged); re-export it"

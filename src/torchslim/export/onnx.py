@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import ExportError, check
 from ..task import as_tensor
 from ..utils import atomic_write
+from .digest import stamp_onnx_bytes
 
 EXPORTERS = ("torchscript", "dynamo", "auto")
 
@@ -147,6 +148,7 @@ def _export_one(wrapped, args, names, dims, path: Path, opset: int, exporter: st
             torch.onnx.export(wrapped, args, str(path), input_names=names, output_names=["output"],
                               dynamic_axes={**dims, "output": {0: "batch"}} if dims else None,
                               opset_version=opset, dynamo=False, do_constant_folding=True)
+        path.write_bytes(stamp_onnx_bytes(path.read_bytes()))
         return
     shapes = tuple({i: torch.export.Dim.AUTO for i in d} or None for d in dims.values())
     program = torch.onnx.export(wrapped, args, input_names=names, output_names=["output"],
@@ -155,6 +157,7 @@ def _export_one(wrapped, args, names, dims, path: Path, opset: int, exporter: st
     import onnx
 
     onnx.save_model(program.model_proto, str(path), save_as_external_data=False)
+    path.write_bytes(stamp_onnx_bytes(path.read_bytes()))
 
 
 def _unsupported(exc: Exception) -> str:

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import WeightsError
 from ..utils import atomic_write
+from .digest import SAFETENSORS_KEY, check_state, stamp_state, tensor_digest
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -90,8 +91,9 @@ def save_weights(model: nn.Module, path: str | Path) -> Path:
         from safetensors.torch import save_file
 
         state, aliases = dedupe(state)
-        return atomic_write(path, lambda p: save_file(state, str(p), metadata=aliases or None))
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        meta = {**aliases, SAFETENSORS_KEY: tensor_digest(state)}
+        return atomic_write(path, lambda p: save_file(state, str(p), metadata=meta))
+    state = stamp_state({k: v.detach().cpu().contiguous() for k, v in state.items()})
     return atomic_write(path, lambda p: torch.save(state, p))
 
 
@@ -110,6 +112,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 metadata = f.metadata() or {}
         except (SafetensorError, OSError, ValueError) as exc:
             raise WeightsError(f"weights file {str(path)!r} is not a valid safetensors file ({exc})") from None
+        digest = metadata.pop(SAFETENSORS_KEY, None)
+        if digest is not None and tensor_digest(state) != digest:
+            raise WeightsError(f"weights file {str(path)!r} is damaged: its tensor data does not match its checksum; re-export it")
         # a tied tensor is stored once; its other names are aliases in the metadata
         # ({dropped: kept}, as safetensors.torch.save_model writes them): restore every name
         for name, kept in metadata.items():
@@ -117,7 +122,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 state[name] = state[kept]
         return state
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _torch_load(path)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise WeightsError(
@@ -134,7 +139,22 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"weights file {str(path)!r} does not hold a state_dict of tensors")
-    return obj
+    return check_state(obj, str(path))
+
+
+def _torch_load(path: Path):
+    """torch.load(weights_only=True); a torchao file (int8 tensor subclasses) needs torchao's
+    classes on the weights-only allowlist, which importing torchao puts there: retried once."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "torchao." not in str(exc):
+            raise
+        try:
+            import torchao.quantization  # noqa: F401  (registers its safe globals)
+        except ImportError:
+            raise exc from None
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, check
+from ..export.digest import stamp_onnx_bytes
 from ..export.onnx import export_onnx, ort_session, temp_onnx_path, to_feed
 from ..task import Task
 from ..utils import atomic_write
@@ -351,7 +352,7 @@ def ort_quantize(model: nn.Module, example_inputs: Any, cfg: OrtQuantConfig | No
             info = export_fp32(defake(model), example_inputs, fp32, cfg.optimize)
             info["fp32_onnx_bytes"] = fp32.stat().st_size
             info.update(quantize_onnx(fp32, q, cfg, model, task))
-        data = q.read_bytes()
+        data = stamp_onnx_bytes(q.read_bytes())
     finally:
         fp32.unlink(missing_ok=True)
         q.unlink(missing_ok=True)
@@ -367,7 +368,7 @@ def ort_fp32(model: nn.Module, example_inputs: Any, optimize: bool = True, threa
     try:
         with quiet_ort_logs():
             info = export_fp32(model, example_inputs, out, optimize)
-        data = out.read_bytes()
+        data = stamp_onnx_bytes(out.read_bytes())
     finally:
         out.unlink(missing_ok=True)
     names = list(example_inputs) if isinstance(example_inputs, Mapping) else ["input"]

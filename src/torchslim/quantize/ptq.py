@@ -206,6 +206,9 @@ def save_quantized(model: nn.Module, path: str) -> None:
         state[f"{name}.scale"] = lq.scale
         if not lq.symmetric:  # symmetric zero points are all 0
             state[f"{name}.zero_point"] = lq.zero_point.to(torch.uint8)
+    from ..export.digest import stamp_state
+
+    state = stamp_state({k: v.detach().cpu().contiguous() for k, v in state.items()})
     atomic_write(path, lambda p: torch.save(state, p))
 
 

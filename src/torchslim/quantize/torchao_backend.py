@@ -134,7 +134,9 @@ def torchao_quantize(model: nn.Module, cfg: TorchaoConfig | None = None) -> tupl
 
 def save_torchao(model: nn.Module, path: str) -> None:
     """torch.save of the torchao state dict (int8 tensor subclasses keep their int8 storage)."""
+    from ..export.digest import stamp_state
     from ..utils import atomic_write
 
     inner = getattr(model, "_orig_mod", model)  # a torch.compile wrapper saves its module
-    atomic_write(path, lambda p: torch.save(inner.state_dict(), p))
+    state = stamp_state(inner.state_dict())
+    atomic_write(path, lambda p: torch.save(state, p))
