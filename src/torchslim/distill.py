@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bounds import bounded, check_bounds, fraction
 from .errors import ConfigError, check
 from .stage import StageResult, register_stage, training_hooks
 from .task import Task, as_tensor, call_model, load_callable, resize_batch
@@ -50,14 +51,15 @@ class DistillConfig:
     """
 
     teacher: Any = None
-    temperature: float = 4.0
-    alpha: float = 0.9
+    temperature: float = bounded(4.0, 0, 1000, low_open=True)
+    alpha: float = fraction(0.9)
     features: dict[str, str] = field(default_factory=dict)
-    feature_weight: float = 1.0
+    feature_weight: float = bounded(1.0, 0, 1e6)
     unlabeled: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         check(isinstance(self.temperature, (int, float)) and self.temperature > 0, "DistillConfig.temperature",
               f"must be > 0, got {self.temperature!r} (Hinton et al. use 2-20)")
         check(isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1, "DistillConfig.alpha",

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .bounds import check_bounds, fraction
 from .errors import ConfigError, check
 from .stage import StageResult, register_stage, training_hooks
 from .task import Task, call_model
@@ -46,14 +47,15 @@ class LowRankConfig:
     finetune: training budget run after factorizing (None: no fine-tune).
     """
 
-    energy: float | None = None
-    ratio: float | None = None
+    energy: float | None = fraction(None, low_open=True)
+    ratio: float | None = fraction(None, low_open=True, high_open=True)
     rank: int | dict[str, int] | None = None
     layers: list[str] | None = None
-    min_mac_saving: float = 0.1
+    min_mac_saving: float = fraction(0.1, high_open=True)
     finetune: TrainConfig | None = None
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         given = [n for n in ("energy", "ratio", "rank") if getattr(self, n) is not None]
         check(len(given) == 1, "LowRankConfig", f"give exactly one of energy, ratio, rank (got {given or 'none'})")
         check(self.energy is None or 0 < self.energy <= 1, "LowRankConfig.energy", f"must be in (0, 1], got {self.energy!r}")

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .bounds import check_bounds, count
 from .errors import check
 from .isa import machine_facts
 from .measure_latency import (
@@ -65,10 +66,10 @@ class MeasureConfig:
     memory: peak memory of one forward (see measure_latency.peak_memory).
     """
 
-    batch_size: int = 256
-    threads: int | None = None
-    warmup: int = 5
-    repeats: int = 30
+    batch_size: int = count(256, 1, 65536)
+    threads: int | None = count(None, 1, 1024, optional=True)
+    warmup: int = count(5, 0, 10_000)
+    repeats: int = count(30, 1, 100_000)
     latency: bool = True
     runtimes: tuple[str, ...] = ("eager",)
     onnx_path: str | None = None
@@ -77,6 +78,7 @@ class MeasureConfig:
     split: str = "test"
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         for name, low in (("batch_size", 1), ("threads", 1), ("warmup", 0), ("repeats", 1)):
             value = getattr(self, name)
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= low

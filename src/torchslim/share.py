@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .bounds import check_bounds, count, seed_field
 from .errors import check
 from .export.archive import save_archive
 from .stage import StageResult, register_stage
@@ -62,13 +63,14 @@ class ShareConfig:
     keep_zeros: bool = True
     finetune: TrainConfig | None = None
     fp16_floats: bool = False
-    max_iter: int = 100
-    seed: int = 0
+    max_iter: int = count(100, 1, 100_000)
+    seed: int = seed_field()
 
     def _table(self) -> dict[str, int]:
         return self.bits if isinstance(self.bits, dict) else {"*": self.bits}
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         table = self._table()
         check(len(table) > 0, "ShareConfig.bits", "the per-layer table is empty; give an int or {pattern: bits}")
         for pattern, b in table.items():

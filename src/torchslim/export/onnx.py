@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..bounds import bounded, check_bounds
 from ..errors import ExportError, check
 from ..task import as_tensor
 from ..utils import atomic_write
@@ -39,15 +40,16 @@ class OnnxExportConfig:
     """How to export. dynamic_batch: batch dim is symbolic; dynamic_seq: for dict (token)
     inputs the second dim is symbolic too; atol/rtol: verification tolerance vs PyTorch."""
 
-    opset: int = 17
+    opset: int = bounded(17, 11, 21, integer=True)
     dynamic_batch: bool = True
     dynamic_seq: bool = True
     exporter: str = "torchscript"
     verify: bool = True
-    atol: float = 1e-4
-    rtol: float = 1e-3
+    atol: float = bounded(1e-4, 0, 1e6)
+    rtol: float = bounded(1e-3, 0, 1e6)
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         check(self.exporter in EXPORTERS, "OnnxExportConfig.exporter", f"must be one of {EXPORTERS}, got {self.exporter!r}")
         check(11 <= self.opset <= 21, "OnnxExportConfig.opset", f"must be in 11..21, got {self.opset!r}")
         check(self.atol >= 0 and self.rtol >= 0, "OnnxExportConfig.atol", "atol and rtol must be >= 0")

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..bounds import bounded, check_bounds
 from ..errors import ConfigError, check
 from ..stage import StageResult, register_stage
 from ..task import Task, as_tensor, call_model
@@ -47,13 +48,14 @@ class LayerDropConfig:
     (relative L2 change of the outputs on ``batches`` batches of ``split``)."""
 
     layers: tuple[str, ...] = ()
-    count: int = 0
+    count: int = bounded(0, 0, 100_000, integer=True)
     candidates: tuple[str, ...] = ()
     criterion: str = "output"
     split: str = "val"
-    batches: int = 4
+    batches: int = bounded(4, 1, 100_000, integer=True)
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         f = "LayerDropConfig"
         self.layers, self.candidates = tuple(self.layers), tuple(self.candidates)
         check(all(isinstance(n, str) and n for n in self.layers + self.candidates), f"{f}.layers",

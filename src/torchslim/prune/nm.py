@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..bounds import bounded, check_bounds, count, seed_field
 from ..errors import check
 from ..export.sparse import save_sparse
 from ..stage import StageResult, register_stage
@@ -32,18 +33,19 @@ class NMConfig:
     criterion / layer_types / include / exclude: as in PruneConfig. finetune: optional budget.
     accelerate: on CUDA, convert 2:4 Linear weights to semi-structured sparse tensors."""
 
-    n: int = 2
-    m: int = 4
+    n: int = bounded(2, 1, 64, integer=True)
+    m: int = bounded(4, 1, 64, integer=True)
     criterion: str = "magnitude"
     layer_types: tuple[str, ...] = DEFAULT_TYPES
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     finetune: TrainConfig | None = None
     accelerate: bool = True
-    taylor_batches: int = 4
-    seed: int = 0
+    taylor_batches: int = count(4, 1, 100_000)
+    seed: int = seed_field()
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         if isinstance(self.finetune, dict):
             self.finetune = TrainConfig(**self.finetune)
         check(isinstance(self.m, int) and self.m >= 1, "NMConfig.m", f"must be an integer >= 1, got {self.m!r}")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..bounds import bounded, check_bounds, count, fraction, seed_field
 from ..errors import check
 from ..task import Task, call_model
 from ..train import TrainConfig
@@ -37,15 +38,16 @@ class RecoveryConfig:
 
     method: str = "finetune"
     finetune: TrainConfig | None = None
-    min_metric: float | None = None
-    max_drop: float | None = None
-    budget: float = 0.05
-    chunk: int = 64
-    tries: int = 4
-    max_rounds: int = 20
-    seed: int = 0
+    min_metric: float | None = bounded(None, -1e9, 1e9)
+    max_drop: float | None = bounded(None, 0, 1e9)
+    budget: float = fraction(0.05)
+    chunk: int = count(64, 1, 10**9)
+    tries: int = count(4, 1, 10_000)
+    max_rounds: int = count(20, 1, 100_000)
+    seed: int = seed_field()
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         if isinstance(self.finetune, dict):
             self.finetune = TrainConfig(**self.finetune)
         check(self.method in METHODS, "RecoveryConfig.method", f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")

@@ -18,6 +18,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ..bounds import check_bounds, count, fraction, seed_field
 from ..errors import check
 from ..stage import StageResult, register_stage
 from ..task import Task, call_model
@@ -52,19 +53,20 @@ class StructuredPruneConfig:
     finetune: TrainConfig run after every step (its epochs/max_steps is the per-step budget).
     """
 
-    macs_keep: float | None = 0.5
-    channel_keep: float | None = None
+    macs_keep: float | None = fraction(0.5, low_open=True, optional=True)
+    channel_keep: float | None = fraction(None, low_open=True)
     criterion: str = "l2"
     allocation: str = "uniform"
-    steps: int = 1
+    steps: int = count(1, 1, 1000)
     ignore: tuple[str, ...] = ()
-    round_to: int | None = None
-    max_layer_prune: float = 0.9
+    round_to: int | None = count(None, 1, 4096, optional=True)
+    max_layer_prune: float = fraction(0.9, low_open=True, high_open=True)
     finetune: TrainConfig | None = None
-    taylor_batches: int = 4
-    seed: int = 0
+    taylor_batches: int = count(4, 1, 100_000)
+    seed: int = seed_field()
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         f = "StructuredPruneConfig"
         check((self.macs_keep is None) != (self.channel_keep is None), f"{f}.macs_keep",
               "set exactly one of macs_keep and channel_keep (the other None)")

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..bounds import check_bounds, count, fraction
 from ..errors import check
 from ..stage import StageResult, register_stage
 from ..task import Task, call_model
@@ -39,15 +40,16 @@ class TransformerPruneConfig:
     layers together, "uniform" removes the same share in each layer. batches: data batches for
     the data-driven criteria. round_ffn_to: keep each layer's FFN width a multiple of this."""
 
-    heads_prune: float = 0.25
-    ffn_prune: float = 0.25
+    heads_prune: float = fraction(0.25, high_open=True)
+    ffn_prune: float = fraction(0.25, high_open=True)
     criterion: str = "activation"
     allocation: str = "uniform"
-    batches: int = 4
+    batches: int = count(4, 1, 100_000)
     split: str = "train"
-    round_ffn_to: int = 8
+    round_ffn_to: int = count(8, 1, 4096)
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         f = "TransformerPruneConfig"
         for name in ("heads_prune", "ffn_prune"):
             v = getattr(self, name)

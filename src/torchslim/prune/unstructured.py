@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..bounds import bounded, check_bounds, count, fraction, seed_field
 from ..errors import ConfigError, check
 from ..export.sparse import save_sparse
 from ..stage import StageResult, register_stage
@@ -47,7 +48,7 @@ class PruneConfig:
     keep_masks: leave masks on the model (False: bake them in with masks.remove).
     """
 
-    sparsity: float = 0.5
+    sparsity: float = fraction(0.5, high_open=True)
     criterion: str = "magnitude"
     scope: str = "global"
     per_layer: dict[str, float] | None = None
@@ -56,18 +57,19 @@ class PruneConfig:
     exclude: tuple[str, ...] = ()
     schedule: str = "oneshot"
     finetune: TrainConfig | None = None
-    iterations: int = 3
-    initial_sparsity: float = 0.0
-    gradual_start: float = 0.0
-    gradual_end: float = 0.5
-    gradual_updates: int = 20
-    threshold: float | None = None
-    taylor_batches: int = 4
+    iterations: int = count(3, 1, 10_000)
+    initial_sparsity: float = fraction(0.0, high_open=True)
+    gradual_start: float = fraction(0.0)
+    gradual_end: float = fraction(0.5)
+    gradual_updates: int = count(20, 1, 10**6)
+    threshold: float | None = bounded(None, 0, 1e9)
+    taylor_batches: int = count(4, 1, 100_000)
     recovery: RecoveryConfig | None = None
     keep_masks: bool = True
-    seed: int = 0
+    seed: int = seed_field()
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         if isinstance(self.finetune, dict):
             self.finetune = TrainConfig(**self.finetune)
         if isinstance(self.recovery, dict):

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from ..bounds import bounded, check_bounds, count, seed_field
 from ..errors import check
 
 SCHEMES = ("symmetric", "asymmetric")
@@ -91,35 +92,36 @@ class QuantConfig:
         ORT's int8 products saturate (x86 without VNNI), and the simulation uses the same grid.
     """
 
-    bits: int = 8
-    act_bits: int = 8
+    bits: int = bounded(8, 2, 8, integer=True)
+    act_bits: int = bounded(8, 2, 8, integer=True)
     weight_scheme: str = "symmetric"
     act_scheme: str = "asymmetric"
     granularity: str = "per_channel"
-    group_size: int = 128
+    group_size: int = count(128, 1, 65536)
     weight_observer: str = "minmax"
     mode: str = "static"
     calibration: str = "percentile"
-    calibration_param: float | None = None
-    calibration_batches: int = 8
+    calibration_param: float | None = bounded(None, 0, 1e6, low_open=True)
+    calibration_batches: int = count(8, 1, 100_000)
     skip: tuple[str, ...] = ()
     layer_bits: dict[str, int | None] = field(default_factory=dict)
-    max_drop: float | None = None
-    min_metric: float | None = None
-    fallback_bits: int | None = None
+    max_drop: float | None = bounded(None, 0, 1e9)
+    min_metric: float | None = bounded(None, -1e9, 1e9)
+    fallback_bits: int | None = bounded(None, 3, 8, integer=True)
     bias_correction: bool = False
-    smooth_alpha: float | None = None
+    smooth_alpha: float | None = bounded(None, 0, 1, low_open=True, high_open=True)
     equalize: bool = False
     fold_bn: bool = True
-    qat_epochs: int = 0
-    qat_steps: int | None = None
-    qat_lr: float = 1e-4
+    qat_epochs: int = count(0, 0, 100_000)
+    qat_steps: int | None = count(None, 1, 10**9, optional=True)
+    qat_lr: float = bounded(1e-4, 0, 10, low_open=True)
     learnable_scales: bool = False
     backend: str = "simulate"
-    seed: int = 0
+    seed: int = seed_field()
     ort_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         self.skip = tuple(self.skip)
         _check_ort_options(self.ort_options)
         for name in ("bits", "act_bits"):

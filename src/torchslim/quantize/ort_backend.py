@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..bounds import bounded, check_bounds, count
 from ..errors import ConfigError, check
 from ..export.digest import stamp_onnx_bytes
 from ..export.onnx import export_onnx, ort_session, temp_onnx_path, to_feed
@@ -90,20 +91,21 @@ class OrtQuantConfig:
     per_channel: bool = True
     reduce_range: bool | None = None
     calibration: str = "minmax"
-    percentile: float = 99.999
-    calibration_batches: int = 8
+    percentile: float = bounded(99.999, 50, 100, low_open=True)
+    calibration_batches: int = count(8, 1, 100_000)
     optimize: bool = True
     exclude_layers: tuple[str, ...] = ()
     exclude_nodes: tuple[str, ...] = ()
     op_types: tuple[str, ...] | None = None
-    block_bits: int | None = None
-    block_size: int = 32
+    block_bits: int | None = bounded(None, 4, 8, integer=True)
+    block_size: int = count(32, 16, 256)
     block_int8_compute: bool = True
     block_layers: tuple[str, ...] = ()
-    smooth_alpha: float | None = None
+    smooth_alpha: float | None = bounded(None, 0, 1, low_open=True, high_open=True)
     smooth_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         self.exclude_layers, self.exclude_nodes = tuple(self.exclude_layers), tuple(self.exclude_nodes)
         self.block_layers, self.smooth_layers = tuple(self.block_layers), tuple(self.smooth_layers)
         check(self.mode in ORT_MODES, "OrtQuantConfig.mode", f"must be one of {ORT_MODES}, got {self.mode!r}")

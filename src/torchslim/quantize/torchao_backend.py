@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..bounds import check_bounds, count
 from ..errors import check
 
 TORCHAO_SCHEMES = ("int8_dynamic", "int8_weight_only", "int4_weight_only")
@@ -37,12 +38,13 @@ class TorchaoConfig:
     skip: layer names kept float (a mixed-precision plan's float layers)."""
 
     scheme: str = "int8_dynamic"
-    group_size: int = 32
+    group_size: int = count(32, 16, 256)
     compile: bool = False
     skip: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         self.skip = tuple(self.skip)
         check(self.scheme in TORCHAO_SCHEMES, "TorchaoConfig.scheme", f"must be one of {TORCHAO_SCHEMES}, got {self.scheme!r}")
         check(self.group_size in (16, 32, 64, 128, 256), "TorchaoConfig.group_size", f"must be 16, 32, 64, 128 or 256, got {self.group_size!r}")
