@@ -56,6 +56,11 @@ def _quant_cfg(backend: str, model_name: str) -> ts.QuantConfig:
 
 def _check_quant(ctx: Ctx, out: Any) -> str:
     err = rel_error(ctx.ref_out, out)
+    named = [w for w in ctx.warnings if "static calibration saw only" in w]
+    if math.isfinite(err) and err > INT8_BOUND and named:
+        # the calibration data cannot cover the inputs (too few samples): a named deviation
+        ctx.status = "warned"
+        return f"int8 output error {err:.3f} > bound {INT8_BOUND}, named: {named[0][:120]}"
     if not math.isfinite(err) or err > INT8_BOUND:
         raise CellError(f"int8 output error {err:.3f} > bound {INT8_BOUND}")
     info = ctx.result.info
@@ -195,7 +200,9 @@ def _check_share(ctx: Ctx, out: Any) -> str:
 
 
 def _run_lowrank(ctx: Ctx):
-    ctx.cfg = ts.LowRankConfig(ratio=0.5)
+    # min_saved_macs 0: the cell checks the factorization (error, ties, MACs) on tiny models,
+    # whose layers the default MAC rule keeps whole (tests/test_lowrank.py covers the rule)
+    ctx.cfg = ts.LowRankConfig(ratio=0.5, min_saved_macs=0)
     return ts.factorize(ctx.model, ctx.cfg, ctx.task)
 
 
@@ -339,4 +346,4 @@ def run_cell(model_name: str, technique: str) -> Outcome:
                 ts.measure(new, task, ts.MeasureConfig(**MEASURE_FAST), saved_path=path)
         elif technique != "measure":
             ts.measure(new, task, ts.MeasureConfig(**MEASURE_FAST))
-    return Outcome("supported", detail)
+    return Outcome(ctx.status, detail)

@@ -46,7 +46,7 @@ class CellError(AssertionError):
 
 @dataclass
 class Outcome:
-    status: str  # "supported" | "refused"
+    status: str  # "supported" | "refused" | "warned" (ran; deviates beyond the bound and a warning says why)
     detail: str = ""
 
 
@@ -61,6 +61,7 @@ class Ctx:
     warnings: list[str] = field(default_factory=list)
     result: Any = None
     cfg: Any = None
+    status: str = "supported"
 
     def warned(self, layer: str) -> bool:
         return any(layer in w for w in self.warnings)

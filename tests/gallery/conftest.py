@@ -62,8 +62,8 @@ def _skip_reason(report) -> str:
     return str(rep)
 
 
-SYMBOL = {"supported": "✅", "refused": "⛔", "known": "❌", "new": "🆕", "skipped": "⏭", "failed": "💥"}
-WORD = {"supported": "supported", "refused": "refused", "known": "known failure", "new": "known failure (new finding)",
+SYMBOL = {"supported": "✅", "refused": "⛔", "warned": "⚠️", "known": "❌", "new": "🆕", "skipped": "⏭", "failed": "💥"}
+WORD = {"supported": "supported", "refused": "refused", "warned": "runs, deviation named by a warning", "known": "known failure", "new": "known failure (new finding)",
         "skipped": "skipped", "failed": "FAILS (unexpected)"}
 
 
@@ -102,7 +102,7 @@ def write_table(gallery, techniques, seconds: float) -> None:
         "`TorchslimError` before any change. A **known failure** is a cell that fails today for the reason "
         "given (an open finding; the cell turns supported when it is fixed)."),
         "",
-        ("✅ supported · ⛔ refused · ❌ known failure · 🆕 known failure, new finding · ⏭ skipped "
+        ("✅ supported · ⛔ refused · ⚠️ runs, deviation named by a warning · ❌ known failure · 🆕 known failure, new finding · ⏭ skipped "
          "(optional package missing) · 💥 fails unexpectedly"),
         "",
         "| model | " + " | ".join(techniques) + " |",

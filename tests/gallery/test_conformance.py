@@ -16,33 +16,8 @@ from .cells import TECHNIQUES, run_cell
 from .models import GALLERY
 
 # ----------------------------------------------------------------------------- known failures
-TE_LOWRANK = "low-rank breaks nn.MultiheadAttention.out_proj (AttributeError: 'Sequential' object has no attribute 'weight')"
-TORCHAO_TIE = "torchao splits the tie between Parameters shared by two layers"
-GPT2_CONV1D = "HF GPT-2 Conv1D: torchao reports success with Conv1D layers float (named now, not quantized)"
 
-NEW_VIT_PATCH = ("new finding: HF ViT reads embeddings.patch_embeddings.projection.weight (modeling_vit.py:368); "
-                 "int8 and low-rank replace that conv and the forward raises AttributeError")
-NEW_ORT_OUTPUTS = "new finding: the ORT backend returns only the first output of a model returning a tuple / dict"
-NEW_ORT_TIED = "new finding: ORT int8 of two Linears sharing one Parameter: output error ~0.4 (simulate 0.01)"
-NEW_INT8_1_64 = ("new finding: int8 static (simulate / ORT) on an MLP whose input is one feature, Linear(1, 64): "
-                 "output error 0.34 > 0.25 (16 calibration samples; the percentile range clips the input)")
-
-KNOWN: dict[tuple[str, str], str] = {
-    ('dict_output', 'quantize_auto'): NEW_ORT_OUTPUTS,
-    ('dict_output', 'quantize_ort'): NEW_ORT_OUTPUTS,
-    ('hf_gpt2', 'quantize_torchao'): GPT2_CONV1D,
-    ('hf_vit', 'lowrank'): NEW_VIT_PATCH,
-    ('linear_1_to_64', 'quantize'): NEW_INT8_1_64,
-    ('linear_1_to_64', 'quantize_auto'): NEW_INT8_1_64,
-    ('linear_1_to_64', 'quantize_ort'): NEW_INT8_1_64,
-    ('nn_transformer_encoder', 'lowrank'): TE_LOWRANK,
-    ('tied_embedding_lm', 'quantize_torchao'): TORCHAO_TIE,
-    ('tied_parameters', 'quantize_auto'): NEW_ORT_TIED,
-    ('tied_parameters', 'quantize_ort'): NEW_ORT_TIED,
-    ('tied_parameters', 'quantize_torchao'): TORCHAO_TIE,
-    ('tuple_output', 'quantize_auto'): NEW_ORT_OUTPUTS,
-    ('tuple_output', 'quantize_ort'): NEW_ORT_OUTPUTS,
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def _cells():

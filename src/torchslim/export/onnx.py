@@ -1,7 +1,8 @@
 """ONNX export that is checked: export, reload in ONNX Runtime, compare outputs with PyTorch.
 
 Inputs are a Tensor (one graph input named ``input``) or a dict of Tensors (one graph input per
-key, e.g. a tokenizer's ``input_ids`` / ``attention_mask``); the output is ``output``. The file
+key, e.g. a tokenizer's ``input_ids`` / ``attention_mask``); the outputs are ``output``,
+``output_1``, ... for a model returning a tuple or mapping of tensors (see outputs.py). The file
 is always one self-contained ``.onnx`` (weights inside, no ``.onnx.data`` sidecar) written
 atomically, so its size is the size a user ships.
 
@@ -27,9 +28,9 @@ from torch import nn
 
 from ..bounds import bounded, check_bounds
 from ..errors import ExportError, check
-from ..task import as_tensor
 from ..utils import atomic_write
 from .digest import stamp_onnx_bytes
+from .outputs import OutputSpec, flatten, output_spec
 
 EXPORTERS = ("torchscript", "dynamo", "auto")
 
@@ -58,21 +59,29 @@ class OnnxExportConfig:
 class _KwargsAdapter(nn.Module):
     """Positional forward over dict keys, because exporters name graph inputs by position."""
 
-    def __init__(self, model: nn.Module, keys: list[str]):
+    def __init__(self, model: nn.Module, keys: list[str], spec: OutputSpec | None = None):
         super().__init__()
-        self.model, self.keys = model, keys
+        self.model, self.keys, self.spec = model, keys, spec or OutputSpec()
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return as_tensor(self.model(**dict(zip(self.keys, args))))
+    def forward(self, *args: torch.Tensor) -> Any:
+        out = flatten(self.model(**dict(zip(self.keys, args))), self.spec)
+        return out[0] if len(out) == 1 else out
 
 
 class _TensorAdapter(nn.Module):
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, spec: OutputSpec | None = None):
         super().__init__()
-        self.model = model
+        self.model, self.spec = model, spec or OutputSpec()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return as_tensor(self.model(x))
+    def forward(self, x: torch.Tensor) -> Any:
+        out = flatten(self.model(x), self.spec)
+        return out[0] if len(out) == 1 else out
+
+
+@torch.no_grad()
+def spec_of(model: nn.Module, example_inputs: Any) -> OutputSpec:
+    """The output structure of model on example_inputs (one forward)."""
+    return output_spec(model(**example_inputs) if isinstance(example_inputs, Mapping) else model(example_inputs))
 
 
 def input_names(example_inputs: Any) -> list[str]:
@@ -105,7 +114,8 @@ def export_onnx(
 
 def _export_checked(model: nn.Module, example_inputs: Any, path: Path, cfg: OnnxExportConfig) -> Path:
     names = input_names(example_inputs)
-    wrapped = _KwargsAdapter(model, names) if isinstance(example_inputs, Mapping) else _TensorAdapter(model)
+    spec = spec_of(model, example_inputs)
+    wrapped = _KwargsAdapter(model, names, spec) if isinstance(example_inputs, Mapping) else _TensorAdapter(model, spec)
     wrapped.eval()  # a wrapper left in train mode makes the TorchScript exporter emit training BatchNorm
     args = tuple(example_inputs[k] for k in names) if isinstance(example_inputs, Mapping) else (example_inputs,)
     dims = _dynamic_dims(example_inputs, names, cfg)
@@ -113,7 +123,7 @@ def _export_checked(model: nn.Module, example_inputs: Any, path: Path, cfg: Onnx
     errors: list[str] = []
     for exporter in order:
         try:
-            atomic_write(path, lambda p, ex=exporter: _export_one(wrapped, args, names, dims, p, cfg.opset, ex))
+            atomic_write(path, lambda p, ex=exporter: _export_one(wrapped, args, names, dims, p, cfg.opset, ex, spec.names()))
             break
         except OSError:  # a full disk or a permission error is not the model's fault: stop
             raise
@@ -141,19 +151,19 @@ def _dynamic_dims(example_inputs: Any, names: list[str], cfg: OnnxExportConfig) 
     return dims
 
 
-def _export_one(wrapped, args, names, dims, path: Path, opset: int, exporter: str) -> None:
+def _export_one(wrapped, args, names, dims, path: Path, opset: int, exporter: str, outs: list[str]) -> None:
     if exporter == "torchscript":
         import warnings
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings of HF models are about constant shapes
-            torch.onnx.export(wrapped, args, str(path), input_names=names, output_names=["output"],
-                              dynamic_axes={**dims, "output": {0: "batch"}} if dims else None,
+            torch.onnx.export(wrapped, args, str(path), input_names=names, output_names=outs,
+                              dynamic_axes={**dims, **{o: {0: "batch"} for o in outs}} if dims else None,
                               opset_version=opset, dynamo=False, do_constant_folding=True)
         path.write_bytes(stamp_onnx_bytes(path.read_bytes()))
         return
     shapes = tuple({i: torch.export.Dim.AUTO for i in d} or None for d in dims.values())
-    program = torch.onnx.export(wrapped, args, input_names=names, output_names=["output"],
+    program = torch.onnx.export(wrapped, args, input_names=names, output_names=outs,
                                 dynamic_shapes=shapes, opset_version=max(opset, 18),
                                 dynamo=True, verbose=False)
     import onnx
@@ -185,12 +195,16 @@ def ort_session(path: str | os.PathLike | bytes, threads: int | None = None):
 
 @torch.no_grad()
 def verify_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, atol: float = 1e-4, rtol: float = 1e-3) -> float:
-    """Max |ORT - PyTorch| on example_inputs; ExportError when beyond atol + rtol*|ref|."""
-    ref = as_tensor(model(**example_inputs) if isinstance(example_inputs, Mapping) else model(example_inputs))
-    ref = ref.float().cpu().numpy()
-    out = ort_session(path).run(None, to_feed(example_inputs))[0]
-    err = float(np.max(np.abs(out - ref))) if ref.size else 0.0
-    if not np.allclose(out, ref, atol=atol, rtol=rtol):
+    """Max |ORT - PyTorch| over every output on example_inputs; ExportError when beyond
+    atol + rtol*|ref|."""
+    raw = model(**example_inputs) if isinstance(example_inputs, Mapping) else model(example_inputs)
+    refs = [t.float().cpu().numpy() for t in flatten(raw, output_spec(raw))]
+    outs = ort_session(path).run(None, to_feed(example_inputs))
+    err, ok = 0.0, len(outs) == len(refs)
+    for out, ref in zip(outs, refs):
+        err = max(err, float(np.max(np.abs(out - ref))) if ref.size else 0.0)
+        ok = ok and out.shape == ref.shape and np.allclose(out, ref, atol=atol, rtol=rtol)
+    if not ok:
         raise ExportError(f"ONNX export of {type(model).__name__}: ONNX Runtime output differs from PyTorch "
                           f"by up to {err:.3g} (atol {atol}, rtol {rtol})")
     return err

@@ -35,7 +35,8 @@ from torch import nn
 from ..bounds import bounded, check_bounds, count
 from ..errors import ConfigError, check
 from ..export.digest import stamp_onnx_bytes
-from ..export.onnx import export_onnx, ort_session, temp_onnx_path, to_feed
+from ..export.onnx import export_onnx, ort_session, spec_of, temp_onnx_path, to_feed
+from ..export.outputs import OutputSpec
 from ..task import Task
 from ..utils import atomic_write
 from .isa_plan import quiet_ort_logs, resolve_ort
@@ -133,9 +134,11 @@ class OrtModel(nn.Module):
     built lazily per process. Parameters: none, so report bytes from ``file_bytes``.
     """
 
-    def __init__(self, onnx_bytes: bytes, input_names: list[str], threads: int | None = None, info: dict | None = None):
+    def __init__(self, onnx_bytes: bytes, input_names: list[str], threads: int | None = None, info: dict | None = None,
+                 output_spec: OutputSpec | None = None):
         super().__init__()
         self.onnx_bytes, self.input_names, self.threads = onnx_bytes, list(input_names), threads
+        self.output_spec = output_spec or OutputSpec()  # a tuple / dict output comes back as one
         self.info = dict(info or {})
         self._session = None
 
@@ -160,7 +163,8 @@ class OrtModel(nn.Module):
         given = kwargs or dict(zip(self.input_names, args))
         feed = {k: v.detach().cpu().numpy() for k, v in given.items() if k in wanted}
         device = next(iter(given.values())).device
-        return torch.from_numpy(self.session.run(None, feed)[0]).to(device)
+        outs = [torch.from_numpy(o).to(device) for o in self.session.run(None, feed)]
+        return getattr(self, "output_spec", OutputSpec()).rebuild(outs)
 
     def save(self, path: str | os.PathLike) -> Path:
         return atomic_write(path, lambda p: p.write_bytes(self.onnx_bytes))
@@ -348,6 +352,7 @@ def ort_quantize(model: nn.Module, example_inputs: Any, cfg: OrtQuantConfig | No
     from .torchao_backend import defake
 
     cfg, plan = resolve_ort(cfg or OrtQuantConfig())
+    spec = spec_of(model, example_inputs)
     fp32, q = temp_onnx_path(), temp_onnx_path()
     try:
         with quiet_ort_logs():
@@ -361,12 +366,14 @@ def ort_quantize(model: nn.Module, example_inputs: Any, cfg: OrtQuantConfig | No
     names = list(example_inputs) if isinstance(example_inputs, Mapping) else ["input"]
     info.update(backend="onnxruntime", mode=cfg.mode, per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
                 isa_plan=plan, onnx_bytes=len(data))
-    return OrtResult(OrtModel(data, names, threads, info), info)
+    if spec.dropped:
+        info["outputs_dropped"] = spec.dropped
+    return OrtResult(OrtModel(data, names, threads, info, spec), info)
 
 
 def ort_fp32(model: nn.Module, example_inputs: Any, optimize: bool = True, threads: int | None = None) -> OrtModel:
     """The float model as an ONNX Runtime graph (the fair fp32 baseline for ORT int8)."""
-    out = temp_onnx_path()
+    out, spec = temp_onnx_path(), spec_of(model, example_inputs)
     try:
         with quiet_ort_logs():
             info = export_fp32(model, example_inputs, out, optimize)
@@ -374,5 +381,5 @@ def ort_fp32(model: nn.Module, example_inputs: Any, optimize: bool = True, threa
     finally:
         out.unlink(missing_ok=True)
     names = list(example_inputs) if isinstance(example_inputs, Mapping) else ["input"]
-    return OrtModel(data, names, threads, info)
+    return OrtModel(data, names, threads, info, spec)
 

@@ -126,8 +126,15 @@ def act_overrides(model: nn.Module, mapping: dict[str, list[str]], graph) -> dic
     (scale, zero point), so ORT and the fake-quant model round activations identically."""
     fq = {n: m for n, m in model.named_modules() if hasattr(m, "aq") and hasattr(m, "wq")}
     inputs = {node.name: node.input[0] for node in graph.node if node.input}
+    # a node claimed by several layers holds a weight they share (a tie): which layer's input
+    # it sees is not known from values alone, so ORT calibrates that input itself
+    claims: dict[str, int] = {}
+    for nodes in mapping.values():
+        for node in set(nodes):
+            claims[node] = claims.get(node, 0) + 1
     out: dict[str, list[dict]] = {}
     for name, nodes in mapping.items():
+        nodes = [n for n in nodes if claims[n] == 1]
         aq = getattr(fq.get(name), "aq", None)
         if aq is None or aq.dynamic or aq.bits != 8 or aq.symmetric or not getattr(fq[name], "enabled", True):
             continue

@@ -93,6 +93,57 @@ def defake(model: nn.Module) -> nn.Module:
     return model
 
 
+def conv1d_to_linear(model: nn.Module) -> list[str]:
+    """Swap Hugging Face ``Conv1D`` layers (GPT-2: ``y = x @ W + b`` with W of shape (in, out))
+    for the equal ``nn.Linear`` (weight W.T), so torchao quantizes them; returns their names.
+    A Conv1D whose weight is tied to another module is left alone (the tie would break)."""
+    users: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            users[id(p)] = users.get(id(p), 0) + 1
+    done = []
+    for name, m in list(model.named_modules()):
+        if type(m).__name__ != "Conv1D" or not hasattr(m, "nf") or getattr(m, "weight", None) is None:
+            continue
+        w = m.weight
+        if w.dim() != 2 or users.get(id(w), 0) > 1:
+            continue
+        lin = nn.Linear(w.shape[0], w.shape[1], bias=m.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w.detach().T)
+            if m.bias is not None:
+                lin.bias.copy_(m.bias.detach())
+        model.set_submodule(name, lin)
+        done.append(name)
+    return done
+
+
+def tied_linears(model: nn.Module, keep: set[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """({follower Linear: leader Linear} for Linears sharing one weight Parameter, {Linear: why
+    float} for a Linear whose weight is tied to a module torchao does not quantize, such as an
+    Embedding: quantizing it would split the tie into a float and an int8 copy)."""
+    users: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        w = getattr(m, "weight", None) if name else None
+        if isinstance(w, nn.Parameter) and any(p is w for p in m.parameters(recurse=False)):
+            group = users.setdefault(id(w), [])
+            if not any(m is other for _, other in group):  # a module under two names is one layer
+                group.append((name, m))
+    followers, tie_float = {}, {}
+    for group in users.values():
+        if len(group) < 2:
+            continue
+        others = [n for n, m in group if not isinstance(m, nn.Linear)]
+        linears = [n for n, m in group if isinstance(m, nn.Linear)]
+        if others:
+            for n in linears:
+                tie_float[n] = f"weight tied to {others[0]} ({type(dict(group)[others[0]]).__name__}); kept float so the tie holds"
+            continue
+        leader = next((n for n in linears if n not in keep), linears[0])
+        followers.update({n: leader for n in linears if n != leader})
+    return followers, tie_float
+
+
 MIN_IN_FEATURES = 2  # torchao 0.18's int8 paths fail on a single input feature; 2 and up work
 
 
@@ -104,8 +155,14 @@ def torchao_quantize(model: nn.Module, cfg: TorchaoConfig | None = None) -> tupl
     q = defake(model).eval()
     # defake keeps names, except that a smoothed layer "a.b" becomes "a.b.1" (after its divide)
     keep = set(cfg.skip) | {f"{n}.1" for n in cfg.skip}
+    converted = conv1d_to_linear(q)
     quantized, float_layers = [], {}
+    followers, tie_float = tied_linears(q, keep)
+    keep |= set(followers) | set(tie_float)
+    float_layers.update(tie_float)
     for name, m in q.named_modules():
+        if name in tie_float or name in followers:
+            continue
         if isinstance(m, nn.Linear) and m.in_features < MIN_IN_FEATURES:
             # torchao's int8 path fails on a Linear(1, 64) ("shape '[64, 1]' is invalid"; checked:
             # 2, 3, 4, 8 inputs work); a layer this small gains nothing from int8 anyway
@@ -125,8 +182,16 @@ def torchao_quantize(model: nn.Module, cfg: TorchaoConfig | None = None) -> tupl
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize_(q, ao_config(cfg), filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn not in keep)
+    for name, leader in followers.items():  # a tie between Linears: one int8 weight, used by all
+        q.get_submodule(name).weight = q.get_submodule(leader).weight
+        if leader in quantized:
+            quantized.append(name)
+        else:
+            float_layers[name] = f"weight tied to {leader}, which stays float"
     info = {"backend": "torchao", "scheme": cfg.scheme, "quantized_layers": len(quantized),
             "float_layers": float_layers, "compiled": cfg.compile}
+    if converted:
+        info["converted_to_linear"] = converted
     if cfg.scheme == "int4_weight_only":
         info["note"] = "int4 values stored unpacked in int8 on CPU (torchao IntxWeightOnly); no int4 kernel here"
     if cfg.compile:
