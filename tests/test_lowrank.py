@@ -29,7 +29,7 @@ def test_linear_half_macs_error_equals_tail_energy():
     model = nn.Sequential(nn.Linear(96, 128))
     w = model[0].weight.detach().double().clone()
     dense = copy.deepcopy(model)
-    recs = factorize_layers(model, LowRankConfig(ratio=0.5), torch.randn(2, 96))
+    recs = factorize_layers(model, LowRankConfig(min_saved_macs=0, ratio=0.5), torch.randn(2, 96))
     r = recs[0]["rank"]
     assert r == (96 * 128 // 2) // (96 + 128) == 27
     sigma = np.linalg.svd(w.numpy(), compute_uv=False)  # peer library for the singular values
@@ -64,12 +64,12 @@ def test_conv_full_rank_exact_and_truncated_closed_form(conv, shape):
     with torch.no_grad():
         exact.weight.copy_((torch.randn(16, 4) @ torch.randn(4, k)).reshape(exact.weight.shape))
     two = nn.Sequential(copy.deepcopy(exact))
-    factorize_layers(two, LowRankConfig(rank=4), x)
+    factorize_layers(two, LowRankConfig(min_saved_macs=0, rank=4), x)
     assert isinstance(two[0], nn.Sequential) and two[0][1].kernel_size == (1,) * (len(shape) - 2)
     torch.testing.assert_close(two(x), exact(x), atol=1e-4, rtol=1e-4)
     # Rank 4: the reshaped-weight error is the SVD tail energy.
     low = nn.Sequential(copy.deepcopy(layer))
-    rec = factorize_layers(low, LowRankConfig(rank=4, min_mac_saving=0.0), x)[0]
+    rec = factorize_layers(low, LowRankConfig(min_saved_macs=0, rank=4, min_mac_saving=0.0), x)[0]
     a, b = low[0][0].weight.detach(), low[0][1].weight.detach()
     w_r = b.reshape(16, 4) @ a.reshape(4, k)
     s = torch.linalg.svdvals(layer.weight.detach().reshape(16, k).double())
@@ -84,7 +84,7 @@ def test_only_applied_where_macs_drop_and_energy_rank():
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
     before = copy.deepcopy(model.state_dict())
-    recs = factorize_layers(model, LowRankConfig(energy=1.0), torch.randn(2, 32))
+    recs = factorize_layers(model, LowRankConfig(min_saved_macs=0, energy=1.0), torch.randn(2, 32))
     assert [r["applied"] for r in recs] == [False, False]  # full rank never saves MACs
     assert all("reason" in r for r in recs)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -101,7 +101,9 @@ def test_mlp_on_digits_half_macs_layer_within_one_point_after_finetune():
     fit(model, task, TrainConfig(epochs=12, lr=2e-3, seed=0))
     dense_acc = task.evaluate(model)
     assert dense_acc > 0.93
-    cfg = LowRankConfig(ratio=0.5, layers=["net.1"], finetune=TrainConfig(epochs=2, lr=1e-4, seed=0))
+    # the accuracy of the factorization is under test, not its speed (min_saved_macs 0: at this
+    # size the pair is not worth it in eager; the speed tests below cover that rule)
+    cfg = LowRankConfig(ratio=0.5, layers=["net.1"], min_saved_macs=0, finetune=TrainConfig(epochs=2, lr=1e-4, seed=0))
     res = apply_stage(model, cfg, task)  # through the stage registry
     rec = res.info["layers"][0]
     assert rec["applied"] and rec["macs_after"] <= 0.5 * rec["macs_before"]
@@ -122,7 +124,7 @@ def test_mlp_on_digits_half_macs_layer_within_one_point_after_finetune():
 ])
 def test_bad_configs_one_line(kwargs, field):
     with pytest.raises(ConfigError) as e:
-        LowRankConfig(**kwargs)
+        LowRankConfig(min_saved_macs=0, **kwargs)
     assert str(e.value).startswith(field) and "\n" not in str(e.value)
 
 
@@ -130,13 +132,13 @@ def test_rank_larger_than_layer_and_unknown_layer_fail_before_work():
     model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4))
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ConfigError, match=r"^LowRankConfig.rank: rank 9 is larger than layer '0' allows \(weight 64x8: at most 8\)$"):
-        factorize_layers(model, LowRankConfig(rank=9, layers=["0"]), torch.randn(1, 8))
+        factorize_layers(model, LowRankConfig(min_saved_macs=0, rank=9, layers=["0"]), torch.randn(1, 8))
     with pytest.raises(ConfigError, match="^LowRankConfig.layers: model has no module 'fc9'$"):
-        factorize_layers(model, LowRankConfig(rank=2, layers=["fc9"]), torch.randn(1, 8))
+        factorize_layers(model, LowRankConfig(min_saved_macs=0, rank=2, layers=["fc9"]), torch.randn(1, 8))
     with pytest.raises(ConfigError, match="only Linear and Conv"):
-        factorize_layers(model, LowRankConfig(rank=2, layers=["1"]), torch.randn(1, 8))
+        factorize_layers(model, LowRankConfig(min_saved_macs=0, rank=2, layers=["1"]), torch.randn(1, 8))
     with pytest.raises(ConfigError, match="rank 5 is larger"):
-        factorize_layers(model, LowRankConfig(rank={"0": 2, "2": 5}), torch.randn(1, 8))
+        factorize_layers(model, LowRankConfig(min_saved_macs=0, rank={"0": 2, "2": 5}), torch.randn(1, 8))
     assert isinstance(model[0], nn.Linear)  # nothing was changed by the failed calls
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -144,8 +146,61 @@ def test_rank_larger_than_layer_and_unknown_layer_fail_before_work():
 def test_per_layer_ranks():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
-    recs = factorize_layers(model, LowRankConfig(rank={"2": 8}), torch.randn(1, 64))
+    recs = factorize_layers(model, LowRankConfig(min_saved_macs=0, rank={"2": 8}), torch.randn(1, 64))
     assert [(r["layer"], r["rank"], r["applied"]) for r in recs] == [("2", 8, True)]
     assert isinstance(model[0], nn.Linear) and model[2][0].out_features == 8
     with pytest.raises(ConfigError, match=r"^LowRankConfig.rank: no rank given for layer \['0'\]"):
-        factorize_layers(model, LowRankConfig(rank={"2": 8}, layers=["0"]), torch.randn(1, 64))
+        factorize_layers(model, LowRankConfig(min_saved_macs=0, rank={"2": 8}, layers=["0"]), torch.randn(1, 64))
+
+
+def _tiny_task(model_in: int, n: int = 64):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from torchslim import Task
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(n, model_in, generator=g), torch.randint(0, 4, (n,), generator=g))
+    return Task(name="tiny", test=DataLoader(data, batch_size=32), num_classes=4)
+
+
+def test_speed_check_keeps_a_pair_that_is_really_faster():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 4))
+    res = apply_stage(model, LowRankConfig(rank=32, layers=["0"], speed_batch=64, speed_check=True), _tiny_task(2048))
+    rec = res.info["layers"][0]
+    assert rec["applied"], rec  # 2048x2048 at rank 32: 3% of the MACs, several times faster
+    assert isinstance(res.model[0], nn.Sequential)
+
+
+def test_speed_check_reverts_a_pair_measured_slower(monkeypatch):
+    from torchslim import lowrank
+
+    seen = []
+
+    def slower(original, pair, x, margin):
+        seen.append((type(original).__name__, tuple(x.shape), margin))
+        return False, "measured 9 us for the pair vs 5 us for the layer"
+
+    monkeypatch.setattr(lowrank, "is_faster", slower)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    ref = copy.deepcopy(model)
+    res = apply_stage(model, LowRankConfig(ratio=0.3, layers=["0"], speed_batch=32, speed_check=True, min_saved_macs=0), _tiny_task(64))
+    rec = res.info["layers"][0]
+    assert seen == [("Linear", (32, 64), 0.05)]  # timed on the input the layer sees in a real batch
+    assert not rec["applied"] and rec["reason"].startswith("not faster: measured 9 us")
+    assert rec["macs_after"] == rec["macs_before"] and isinstance(res.model[0], nn.Linear)
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), res.model.state_dict().values()))
+
+
+def test_small_layers_are_kept_whole_by_the_mac_rule():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    res = apply_stage(model, LowRankConfig(ratio=0.3, layers=["0"]), _tiny_task(64))
+    rec = res.info["layers"][0]
+    # rank floor(0.3*64*64/128) = 9: saves 64*64 - 9*128 = 2,944 MACs per sample, x32 = 94,208
+    assert rec["rank"] == 9 and not rec["applied"]
+    assert rec["reason"] == "saves 94,208 MACs per call at batch 32 < min_saved_macs 2,000,000"
+    assert isinstance(res.model[0], nn.Linear)
+    big = apply_stage(copy.deepcopy(model), LowRankConfig(ratio=0.3, layers=["0"], speed_batch=1024), _tiny_task(64))
+    assert big.info["layers"][0]["applied"]  # 2,944 x 1024 = 3.0M >= 2M

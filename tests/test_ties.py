@@ -132,7 +132,7 @@ def test_tied_model_saves_once_and_loads_back_tied(tmp_path, cls, suffix):
 def test_lowrank_factorizes_a_tied_weight_once_and_macs_agree_with_measure(cls):
     model = make(cls)
     w = model.a.weight.detach().double()
-    recs = factorize_layers(model, LowRankConfig(rank=3, min_mac_saving=0.0), X[:1])
+    recs = factorize_layers(model, LowRankConfig(min_saved_macs=0, rank=3, min_mac_saving=0.0), X[:1])
     model(X)
     a, b = model.a, model.b
     assert isinstance(a, nn.Sequential) and isinstance(b, nn.Sequential)
@@ -158,7 +158,7 @@ def test_lowrank_skips_a_weight_tied_to_a_non_factorizable_module():
 
     model = make(Lm)
     with pytest.warns(UserWarning, match=r"head \(weight tied with emb") as rec:
-        recs = factorize_layers(model, LowRankConfig(rank=2), torch.zeros(1, 3, dtype=torch.long))
+        recs = factorize_layers(model, LowRankConfig(min_saved_macs=0, rank=2), torch.zeros(1, 3, dtype=torch.long))
     assert len([w for w in rec if "skipped" in str(w.message)]) == 1
     assert model.head.weight is model.emb.weight and [r["layer"] for r in recs] == ["mid"]
 
@@ -180,7 +180,7 @@ def test_lowrank_skips_attention_out_proj_and_recurrent_layers_in_one_warning():
     x = torch.randn(3, 2, 16)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        recs = factorize_layers(model, LowRankConfig(rank=2), x)
+        recs = factorize_layers(model, LowRankConfig(min_saved_macs=0, rank=2), x)
     msgs = [str(w.message) for w in rec if "skipped" in str(w.message)]
     assert len(msgs) == 1, msgs
     for name in ("attn.out_proj", "attn (", "lstm (LSTM", "gru (GRU"):
@@ -237,7 +237,7 @@ def test_lowrank_after_sharing_is_not_mistaken_for_a_tie():
     share(model, ShareConfig(bits=2, layers=("c",)))  # c's weight is computed on every access
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        recs = factorize_layers(model, LowRankConfig(rank=2), X[:1])
+        recs = factorize_layers(model, LowRankConfig(min_saved_macs=0, rank=2), X[:1])
     assert {r["layer"] for r in recs} == {"a", "b", "c"} and isinstance(model.c, nn.Sequential)
 
 
@@ -255,7 +255,7 @@ def test_run_a_recipe_on_a_tied_model(tmp_path):
 
     recipe = {"name": "tied", "task": {"name": "digits", "kwargs": {"batch_size": 32}},
               "model": "test_ties:tied_digits", "seed": 0,
-              "stages": [{"lowrank": {"ratio": 0.5}}, {"share": {"bits": 4}}],
+              "stages": [{"lowrank": {"ratio": 0.5, "min_saved_macs": 0}}, {"share": {"bits": 4}}],
               "export": ["safetensors"], "measure": {"batch_size": 1, "repeats": 2}}
     summary = run_recipe(recipe, out=tmp_path, log=lambda m: None, trust_code=True)  # died at baseline
     low = summary["rows"][1]

@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bounds import check_bounds, fraction
+from .bounds import bounded, check_bounds, count, fraction
 from .errors import ConfigError, check
+from .lowrank_speed import is_faster, layer_inputs
 from .stage import StageResult, register_stage, training_hooks
 from .task import Task, call_model
 from .train import TrainConfig, fit
@@ -45,6 +46,15 @@ class LowRankConfig:
     layers: names of the Linear/Conv modules to consider (None: all with groups == 1).
     min_mac_saving: only factorize a layer whose MACs drop by at least this share, in [0, 1).
     finetune: training budget run after factorizing (None: no fine-tune).
+    min_saved_macs / speed_batch: factorize a layer only when the pair removes at least this
+        many multiply-adds per call on a batch of ``speed_batch`` samples. Fewer MACs is not
+        faster by itself in eager PyTorch: the second kernel's launch and its pass over the
+        activations cost more than a small saving (tv_mobilenet_v3_small ran at 0.64x with all
+        its 43 small layers factorized). 2M MACs (~0.1 ms of arithmetic on one core) is a rule
+        of thumb, deterministic so that runs reproduce; 0 = factorize whatever saves MACs.
+    speed_check / min_speedup: also time each pair against its layer on the input the layer
+        sees (lowrank_speed.py) and keep it only when at least ``min_speedup`` faster. Opt-in:
+        timings vary between runs, so a run with it on may not reproduce exactly.
     """
 
     energy: float | None = fraction(None, low_open=True)
@@ -53,6 +63,10 @@ class LowRankConfig:
     layers: list[str] | None = None
     min_mac_saving: float = fraction(0.1, high_open=True)
     finetune: TrainConfig | None = None
+    min_saved_macs: int = bounded(2_000_000, 0, 10**15, integer=True)
+    speed_batch: int = count(32, 1, 4096)
+    speed_check: bool = False
+    min_speedup: float = fraction(0.05, high_open=True)
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -194,6 +208,30 @@ def _wanted_rank(name: str, out_f: int, in_f: int, cfg: LowRankConfig, s: torch.
     return rank_for_energy(s, cfg.energy)
 
 
+class LowRankPair(nn.Sequential):
+    """The two thin layers of a factorized layer, run in sequence. Code that reads the replaced
+    layer's ``weight`` / ``bias`` directly still finds them: Hugging Face models read
+    ``projection.weight.dtype`` (ViT's patch embedding and ~60 others), fused fast paths read the
+    values. ``weight`` is the product of the factors, read-only (no gradient flows through it),
+    cached until either factor changes (a reader in every forward must not pay a matmul each
+    time), and not part of the state dict: such readers see the layer the pair computes."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        a, b = self[0].weight, self[1].weight
+        key = (a._version, b._version, a.data_ptr(), b.data_ptr(), a.dtype, a.device)
+        if self.__dict__.get("_dense_key") != key:
+            with torch.no_grad():
+                w = b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)
+            self.__dict__["_dense"] = w.reshape(b.shape[0], *a.shape[1:])
+            self.__dict__["_dense_key"] = key
+        return self.__dict__["_dense"]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self[1].bias
+
+
 def _split(m: nn.Module, r: int, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> nn.Sequential:
     """The two thin layers holding B = U_r·√S_r and A = √S_r·V_rᵀ (bias on the second)."""
     sq = s[:r].sqrt()
@@ -212,12 +250,20 @@ def _split(m: nn.Module, r: int, u: torch.Tensor, s: torch.Tensor, vh: torch.Ten
         second.weight.copy_(b.reshape(second.weight.shape))
         if has_bias:
             second.bias.copy_(m.bias)
-    return nn.Sequential(first, second).to(dev)
+    pair = LowRankPair(first, second).to(dev)
+    pair.weight  # noqa: B018 - fill the cache now, outside any measured forward
+    return pair
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+    if isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        # its fused fast path reads linear1.weight / linear2.weight directly (a factorized pair
+        # has none); ``activation_relu_or_gelu`` only chooses that path, the slow path runs the
+        # submodules with the same math (as quantize/ptq.py does for fake-quant layers)
+        parent.activation_relu_or_gelu = False
 
 
 def _group_rank(group: Group, cfg: LowRankConfig) -> str:
@@ -244,7 +290,8 @@ def _split_tied(group: Group, r: int, u: torch.Tensor, s: torch.Tensor, vh: torc
     return splits
 
 
-def factorize_layers(model: nn.Module, cfg: LowRankConfig, example_inputs: Any) -> list[dict[str, Any]]:
+def factorize_layers(model: nn.Module, cfg: LowRankConfig, example_inputs: Any,
+                     timing_inputs: Any = None) -> list[dict[str, Any]]:
     """Replace the chosen layers of model in place; return one record per considered layer.
 
     Every rank is checked against its layer before any layer is changed. A tied weight is
@@ -262,6 +309,7 @@ def factorize_layers(model: nn.Module, cfg: LowRankConfig, example_inputs: Any) 
             check(r <= min(o, i), "LowRankConfig.rank",
                   f"rank {r} is larger than layer {key!r} allows (weight {o}x{i}: at most {min(o, i)})")
     pos = _positions(model, {ns[0]: m for g in groups for ns, m in g}, example_inputs)
+    seen = layer_inputs(model, {ns[0]: m for g in groups for ns, m in g}, timing_inputs) if timing_inputs is not None else {}
     records = []
     for g, key, (o, i) in zip(groups, keys, shapes):
         # float32 SVD (LAPACK via torch): float64 is ~10x slower and gains nothing at this error
@@ -270,6 +318,15 @@ def factorize_layers(model: nn.Module, cfg: LowRankConfig, example_inputs: Any) 
         e = s.double().pow(2)
         tail = e[r:].sum() / e.sum().clamp_min(1e-300)
         applied = r * (o + i) <= (1 - cfg.min_mac_saving) * o * i
+        why = f"r(in+out) = {r * (o + i)} saves < {cfg.min_mac_saving:.0%} of in*out = {o * i}"
+        saved = cfg.speed_batch * pos[g[0][0][0]] * (o * i - r * (o + i))
+        if applied and saved < cfg.min_saved_macs:
+            applied, why = False, f"saves {saved:,} MACs per call at batch {cfg.speed_batch} < min_saved_macs {cfg.min_saved_macs:,}"
+        pairs = _split_tied(g, r, u, s, vh) if applied else []
+        x = seen.get(g[0][0][0])
+        if applied and x is not None:  # fewer MACs is not faster by itself: time it (lowrank_speed.py)
+            applied, timing = is_faster(g[0][1], pairs[0], x, cfg.min_speedup)
+            why = f"not faster: {timing}"
         tied = [n for ns, _ in g for n in ns]
         for names, m in g:
             p = pos[names[0]]
@@ -280,10 +337,10 @@ def factorize_layers(model: nn.Module, cfg: LowRankConfig, example_inputs: Any) 
                 rec["tied"] = tied
             if not applied:
                 rec["macs_after"] = rec["macs_before"]
-                rec["reason"] = f"r(in+out) = {r * (o + i)} saves < {cfg.min_mac_saving:.0%} of in*out = {o * i}"
+                rec["reason"] = why
             records.append(rec)
         if applied:
-            for (names, _), seq in zip(g, _split_tied(g, r, u, s, vh)):
+            for (names, _), seq in zip(g, pairs):
                 for n in names:  # every name of the module, so an alias stays one module
                     _set_module(model, n, seq)
     return records
@@ -295,7 +352,8 @@ def apply(model: nn.Module, cfg: LowRankConfig, task: Task) -> StageResult:
     if not any(_factorizable(m) for m in model.modules()):
         raise ConfigError("LowRankConfig: the model has no Linear or Conv (groups=1) layer to factorize")
     before = task.evaluate(model)
-    records = factorize_layers(model, cfg, task.example_inputs(1))
+    timing = task.example_inputs(cfg.speed_batch) if cfg.speed_check else None
+    records = factorize_layers(model, cfg, task.example_inputs(1), timing)
     info: dict[str, Any] = {"layers": records, "metric_before": before, "metric_factorized": task.evaluate(model)}
     info["macs_before"] = sum(r["macs_before"] for r in records)
     info["macs_after"] = sum(r["macs_after"] for r in records)

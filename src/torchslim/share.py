@@ -197,7 +197,10 @@ def plan(model: nn.Module, cfg: ShareConfig) -> tuple[list[tuple[list[str], list
             continue  # torch.nn.utils.parametrize internals (their module is considered)
         names = names_of[id(m)]
         selected = [x for x in names if cfg.bits_for(x) is not None]
-        has_weight = isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2
+        # a weight the module holds (a Parameter, or a parametrized one), not a computed view
+        # such as lowrank.LowRankPair.weight (its factors are shared instead)
+        own = m._parameters.get("weight") is not None or parametrize.is_parametrized(m, "weight")
+        has_weight = own and m.weight.dim() >= 2
         if has_weight:
             names_, mods = groups.setdefault(_weight_key(m), ([], []))
             names_ += names
