@@ -14,6 +14,7 @@ from . import (  # callable packages: torchslim.prune(model, cfg, task), torchsl
 from .distill import DistillConfig
 from .distill import apply as distill
 from .errors import ConfigError, TaskError, TorchslimError, WeightsError
+from .export.rebuild import load
 from .lowrank import LowRankConfig
 from .lowrank import apply as factorize
 from .measure import MeasureConfig, Record, count_macs, format_records, measure
@@ -51,6 +52,7 @@ __all__ = [
     "factorize",
     "fit",
     "format_records",
+    "load",
     "measure",
     "prune",
     "quantize",
