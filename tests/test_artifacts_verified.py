@@ -154,3 +154,18 @@ def test_torchao_file_checksum_and_inspect(tmp_path, capsys):
     path.write_bytes(bytes(_flip_in(bytearray(path.read_bytes()), raw[:256])))
     with pytest.raises(WeightsError, match="does not match its checksum"):
         read_state_dict(path)
+
+
+def test_onnx_cut_before_its_checksum_is_refused(tmp_path, capsys):
+    import onnx
+
+    from torchslim.export.onnx import export_onnx
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    path = export_onnx(model, torch.randn(2, 8), tmp_path / "m.onnx")
+    proto = onnx.load(str(path))
+    assert proto.producer_name == "torchslim"
+    del proto.metadata_props[:]  # what a cut just before the last field leaves
+    path.write_bytes(proto.SerializeToString())
+    assert cli.main(["inspect", str(path)]) == 2
+    assert "checksum is missing" in capsys.readouterr().err

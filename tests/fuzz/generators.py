@@ -47,7 +47,10 @@ HUGE = [1e308, -1e308, 10**30, -(10**30)]
 
 
 def _base_recipes() -> list[dict]:
-    return [yaml.safe_load(p.read_text()) for p in RECIPES]
+    """The shipped recipes that ``torchslim run`` takes (search and online recipes, with a
+    ``search`` / ``stream`` block, belong to their own commands)."""
+    out = [yaml.safe_load(p.read_text()) for p in RECIPES]
+    return [r for r in out if isinstance(r, dict) and not {"search", "stream"} & set(r)]
 
 
 def _is_digits(r: dict) -> bool:

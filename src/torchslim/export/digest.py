@@ -72,6 +72,8 @@ def onnx_digest(model) -> str:
 
 
 ONNX_KEY = "torchslim.sha256"
+PRODUCER_KEY = "torchslim.exporter"
+PRODUCER = "torchslim"
 
 
 def stamp_onnx_bytes(data: bytes) -> bytes:
@@ -79,8 +81,14 @@ def stamp_onnx_bytes(data: bytes) -> bytes:
     import onnx
 
     model = onnx.load_from_string(data)
-    for prop in [p for p in model.metadata_props if p.key == ONNX_KEY]:
+    for prop in [p for p in model.metadata_props if p.key in (ONNX_KEY, PRODUCER_KEY)]:
         model.metadata_props.remove(prop)
+    # the checksum is serialized last (metadata_props is field 14, after the graph): a file cut
+    # just before it would look like one without a checksum. producer_name (field 2, first)
+    # says torchslim wrote it, so a missing checksum is damage; the exporter's name is kept.
+    if model.producer_name and model.producer_name != PRODUCER:
+        model.metadata_props.add(key=PRODUCER_KEY, value=f"{model.producer_name} {model.producer_version}".strip())
+    model.producer_name = PRODUCER
     model.metadata_props.add(key=ONNX_KEY, value=onnx_digest(model))
     return model.SerializeToString(deterministic=True)
 
@@ -88,6 +96,8 @@ def stamp_onnx_bytes(data: bytes) -> bytes:
 def onnx_damage(model) -> str | None:
     """Why an ONNX model's stored checksum does not hold (None when it holds or there is none)."""
     stored = next((p.value for p in model.metadata_props if p.key == ONNX_KEY), None)
+    if stored is None and model.producer_name == PRODUCER:
+        return "written by torchslim but its checksum is missing (the file is truncated or damaged); re-export it"
     if stored is None or stored == onnx_digest(model):
         return None
     return "its graph does not match its checksum (the file is damaged); re-export it"
