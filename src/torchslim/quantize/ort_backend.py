@@ -23,6 +23,7 @@ so weights are 7-bit there; ORT's own log messages are silenced only while ORT r
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ from .ort_graph import (  # noqa: F401 - re-exported: tests and callers import t
     layer_nodes,
     optimize_graph,
     select_nodes,
+    size_breakdown,
     smooth_graph,
     transformer_dims,
     weight_layers,
@@ -368,6 +370,11 @@ def ort_quantize(model: nn.Module, example_inputs: Any, cfg: OrtQuantConfig | No
                 isa_plan=plan, onnx_bytes=len(data))
     if spec.dropped:
         info["outputs_dropped"] = spec.dropped
+    info["size"] = sizes = size_breakdown(data)
+    if sizes["graph_bytes"] > sizes["tensor_bytes"] and info["fp32_onnx_bytes"] < 1.5 * len(data):
+        warnings.warn(f"ONNX Runtime int8: the file is {len(data):,} bytes against {info['fp32_onnx_bytes']:,} in fp32; "
+                      f"its weights are only {sizes['tensor_bytes']:,} bytes, the rest is graph structure "
+                      "(node and tensor names), which int8 cannot shrink (a model this small)", stacklevel=2)
     return OrtResult(OrtModel(data, names, threads, info, spec), info)
 
 
