@@ -232,6 +232,12 @@ def plan_for_macs(model: nn.Module, groups: dict[str, Any], scores: dict[str, to
 
 def prune_structured(model: nn.Module, cfg: StructuredPruneConfig, task: Task) -> tuple[nn.Module, dict[str, Any]]:
     """Prune (and fine-tune) a copy of model; return it and the record of what changed."""
+    from torch.nn.utils import parametrize
+
+    shared = [n for n, m in model.named_modules() if parametrize.is_parametrized(m)]
+    check(not shared, "StructuredPruneConfig",
+          f"{(shared or [''])[0]!r} holds a parametrized (e.g. shared) weight, whose shape cannot change; "
+          "run structured pruning before weight sharing in the recipe")
     example = task.example_inputs(batch_size=1)
     was_training, model = model.training, copy.deepcopy(model)
     names = dict(model.named_modules())

@@ -127,6 +127,11 @@ def select_layers(model: nn.Module, cfg: PruneConfig) -> tuple[list[str], list[s
         elif own:
             skipped.append(f"{shown} ({type(m).__name__}: not in layer_types)")
     if not names:
+        from torch.nn.utils import parametrize
+
+        shared = [n for n, m in model.named_modules() if parametrize.is_parametrized(m, "weight")]
+        check(not shared, "PruneConfig", f"{(shared or [''])[0]!r} holds a parametrized (e.g. shared) weight; prune before "
+              "weight sharing in the recipe (sharing keeps the zeros of a pruned model)")
         kinds = sorted({type(m).__name__ for _, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))})
         raise ConfigError(f"PruneConfig.layer_types: no layer selected (layer_types={list(cfg.layer_types)}, "
                           f"include={list(cfg.include)}, exclude={list(cfg.exclude)}); the model has {kinds}")

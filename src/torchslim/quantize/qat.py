@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..stage import register_training_hooks
+from ..stage import register_training_hooks, training_hooks
 from ..task import Task
 from ..train import FitResult, TrainConfig, fit
 from .calibrate import fq_layers
@@ -53,7 +53,9 @@ _ADAPTIVE = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", 
 
 
 def qat_train_config(cfg: QuantConfig) -> TrainConfig:
-    epochs = cfg.qat_epochs if cfg.qat_epochs > 0 else 10**6  # qat_steps alone bounds the run
+    from ..train import MAX_EPOCHS
+
+    epochs = cfg.qat_epochs if cfg.qat_epochs > 0 else MAX_EPOCHS  # qat_steps alone bounds the run
     return TrainConfig(epochs=epochs, max_steps=cfg.qat_steps, lr=cfg.qat_lr, optimizer="Adam", seed=cfg.seed)
 
 
@@ -112,7 +114,10 @@ def finetune(model: nn.Module, task: Task, cfg: QuantConfig, train_cfg: TrainCon
             m.wq.make_learnable()
             if m.aq is not None:
                 m.aq.make_learnable()
-        params, hooks = param_groups(model, train_cfg), [ScaleKeeper(learnable_scales(model))]
+        params = param_groups(model, train_cfg)
+    # every compression already on the model (pruning masks, LSQ scales kept positive, ...)
+    # holds through QAT: before, pruned weights drifted off zero here
+    hooks = training_hooks(model)
     result = fit(model, task, train_cfg, hooks=hooks, params=params)
     model.eval()
     for m in layers.values():  # scales that follow the weights: match the final weights
