@@ -1,4 +1,4 @@
-"""The ``torchslim`` command: demo, measure, run, report, inspect, machine.
+"""The ``torchslim`` command: demo, measure, run, report, inspect, machine, stages.
 
 Bad input ends with one line on stderr and exit code 2; no traceback.
 """
@@ -172,6 +172,22 @@ def _cmd_machine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_stages(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stages", help="list the recipe stages, or one stage's fields, defaults and ranges",
+                       description="Every stage a recipe can name (read from the stage registry).")
+    p.add_argument("name", nargs="?", default=None, help="a stage, e.g. prune, quantize, structured_prune")
+    p.set_defaults(func=_cmd_stages)
+
+
+def _cmd_stages(args: argparse.Namespace) -> int:
+    from .stages_doc import describe, stages_table
+
+    if args.name is not None:
+        describe(args.name)  # an unknown name: one line, exit 2
+    console().print(stages_table(args.name))
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (``torchslim: error: ...``, exit 2) like every
     other bad input, not a usage block; ``--help`` is unchanged."""
@@ -192,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_inspect(sub)
     _add_machine(sub)
+    _add_stages(sub)
     return parser
 
 
