@@ -98,8 +98,13 @@ def test_compression_survives_later_training(base, first, later):
         for n in kept:
             moved = int((after[n][zeros[n]] != 0).sum())
             assert moved == 0, f"{first} then {later}: {moved} pruned weights of {n} moved off zero"
-        if later == "structured":  # the masks were carried through the removal
-            assert masks_of(out), f"{first} then structured: the pruning masks were dropped"
+        if later == "structured":  # the masks were carried through the removal and held
+            masks = masks_of(out)
+            assert masks, f"{first} then structured: the pruning masks were dropped"
+            params = dict(out.named_parameters())
+            for n, m in masks.items():
+                moved = int((params[n].detach()[~m.bool()] != 0).sum())
+                assert moved == 0, f"{first} then structured: {moved} masked weights of {n} moved off zero"
     if first == "share":
         for n in kept:
             distinct = after[n].unique().numel()

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from ..errors import ConfigError, check
@@ -27,6 +26,21 @@ from ..task import call_model
 from ..utils import removing
 
 Plan = dict[str, list[int]]
+if TYPE_CHECKING:
+    import torch_pruning as tp
+
+
+def torch_pruning():
+    """torch_pruning, imported on first use: it is an optional extra, and ``import torchslim``
+    must work without it (the other techniques do not need it)."""
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        raise ConfigError("StructuredPruneConfig: structured pruning needs the 'prune' extra "
+                          "(torch-pruning); install it with: pip install 'torchslim[prune]'") from None
+    return tp
+
+
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 # Parameter-owning layer types Torch-Pruning resizes correctly (anything else is "custom").
 KNOWN_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm,
@@ -39,7 +53,7 @@ def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     tracer cannot follow is refused in one line (the model is a copy; nothing was changed)."""
     try:
         with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(
+            return torch_pruning().DependencyGraph().build_dependency(
                 model, example_inputs=example_inputs, forward_fn=call_model, verbose=False)
     except (RuntimeError, AttributeError, TypeError, KeyError, IndexError) as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""

@@ -15,23 +15,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from ..bounds import check_bounds, count, fraction, seed_field
 from ..errors import check
-from ..stage import StageResult, register_stage
+from ..stage import StageResult, register_stage, training_hooks
 from ..task import Task, call_model
 from ..train import TrainConfig, fit
 from ..utils import model_device, removing, to_device
 from . import graph
+from .masks import attach_masks, masks_of
+from .masks import remove as remove_masks
 
 CRITERIA = {
-    "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
-    "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
-    "bn_scale": lambda: tp.importance.BNScaleImportance(),
-    "taylor": lambda: tp.importance.GroupTaylorImportance(),
-    "random": lambda: tp.importance.RandomImportance(),
+    "l1": lambda: graph.torch_pruning().importance.GroupMagnitudeImportance(p=1),
+    "l2": lambda: graph.torch_pruning().importance.GroupMagnitudeImportance(p=2),
+    "bn_scale": lambda: graph.torch_pruning().importance.BNScaleImportance(),
+    "taylor": lambda: graph.torch_pruning().importance.GroupTaylorImportance(),
+    "random": lambda: graph.torch_pruning().importance.RandomImportance(),
 }
 ALLOCATIONS = ("uniform", "global")
 
@@ -267,11 +268,18 @@ def prune_structured(model: nn.Module, cfg: StructuredPruneConfig, task: Task) -
             first = first or {r: len(s) for r, s in scores.items()}
             frac = cfg.channel_keep ** (step / cfg.steps)
             plan = make_plan(scores, {r: 1 - round(first.get(r, len(s)) * frac) / len(s) for r, s in scores.items()}, cfg)
+        # pruning masks of an earlier stage are buffers torch_pruning does not slice: bake them
+        # (the pruned weights are exact zeros), remove channels, re-derive them from the zeros
+        masked = set(masks_of(model))
+        remove_masks(model)
         graph.prune_plan(model, plan, example, dg)
+        if masked:
+            with torch.no_grad():
+                attach_masks(model, {n: p != 0 for n, p in model.named_parameters() if n in masked}, intersect=False)
         row: dict[str, Any] = {"step": step, "macs": count_macs(model, example),
                                "removed": {k: v for k, v in plan.items() if v}}
         if cfg.finetune is not None and task.train is not None:
-            row["finetune"] = fit(model, task, cfg.finetune).to_dict()["history"]
+            row["finetune"] = fit(model, task, cfg.finetune, hooks=training_hooks(model)).to_dict()["history"]
         history.append(row)
     after_widths, after_layer_macs = graph.layer_widths(model), layer_macs(model, example)
     layers = {n: {"in_before": base_widths[n][0], "in_after": after_widths[n][0],
