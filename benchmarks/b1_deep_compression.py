@@ -106,8 +106,8 @@ def one_seed(seed: int, sparsity: float, task, dense, quick: bool, workdir: Path
     dense_sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     dense_bytes = _bytes_of_torch_save(dense_sd)
 
-    prune(model, PruneConfig(sparsity=sparsity, schedule="gradual", scope="global",
-                             finetune=TrainConfig(epochs=epochs[1], lr=1e-3, seed=seed)), task)
+    model = prune(model, PruneConfig(sparsity=sparsity, schedule="gradual", scope="global",
+                                     finetune=TrainConfig(epochs=epochs[1], lr=1e-3, seed=seed)), task).model
     pruned_acc = task.evaluate(model)
     sparse_bytes = save_sparse(model, workdir / f"pruned{seed}_{sparsity}.safetensors").stat().st_size
 

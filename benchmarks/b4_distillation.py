@@ -153,7 +153,7 @@ def full_labels(task, teacher: nn.Module, seeds: list[int], epochs: int) -> dict
         fit(s, task, _train_cfg(epochs, seed))
         alone.append(task.evaluate(s))
         s = _student(task, seed)
-        distill(s, DistillConfig(teacher=teacher, temperature=TEMPERATURE, alpha=ALPHA, train=_train_cfg(epochs, seed)), task)
+        s = distill(s, DistillConfig(teacher=teacher, temperature=TEMPERATURE, alpha=ALPHA, train=_train_cfg(epochs, seed)), task).model
         distilled.append(task.evaluate(s))
         print(f"  full labels seed {seed}: alone {alone[-1]:.4f} distilled {distilled[-1]:.4f}", flush=True)
     return {"student_alone_acc": alone, "student_distilled_acc": distilled, "alone_mean": statistics.mean(alone),
@@ -175,7 +175,7 @@ def recovery(task, teacher: nn.Module, seeds: list[int], epochs: int) -> dict[st
         fit(m, task, _train_cfg(epochs, seed))
         out["finetune"].append(task.evaluate(m))
         m = copy.deepcopy(pruned)
-        distill(m, DistillConfig(teacher=teacher, temperature=TEMPERATURE, alpha=ALPHA, train=_train_cfg(epochs, seed)), task)
+        m = distill(m, DistillConfig(teacher=teacher, temperature=TEMPERATURE, alpha=ALPHA, train=_train_cfg(epochs, seed)), task).model
         out["distill"].append(task.evaluate(m))
         print(f"  recovery seed {seed}: finetune {out['finetune'][-1]:.4f} distill {out['distill'][-1]:.4f}", flush=True)
     out["finetune_mean"] = statistics.mean(out["finetune"])

@@ -113,3 +113,43 @@ def test_compression_survives_later_training(base, first, later):
     if first == "structured":
         assert sum(p.numel() for p in out.parameters()) <= n_params * 1.01 or later in ("qat",), \
             f"structured then {later}: the model grew back"
+
+
+def test_share_of_some_layers_keeps_the_zeros_of_the_pruned_others(base):
+    model, task = copy.deepcopy(base[0]), base[1]
+    pruned = apply_stage(model, PruneConfig(sparsity=0.6), task).model
+    zeros = {n: w == 0 for n, w in _weights(pruned).items()}
+    names = sorted(zeros)
+    shared = apply_stage(pruned, ShareConfig(bits=4, layers=(names[0],), finetune=STEPS), task).model
+    after = _weights(shared)
+    for n in names[1:]:  # not shared: only the pruning masks hold these
+        assert int((after[n][zeros[n]] != 0).sum()) == 0, f"{n}: pruned weights moved off zero in share's fine-tune"
+
+
+def test_one_in_place_rule(base):
+    """A compression stage returns a new model and leaves its input as it was; a train stage
+    updates the model in place (as torch.optim does)."""
+    model, task = copy.deepcopy(base[0]), base[1]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for cfg in (PruneConfig(sparsity=0.5), NMConfig(), ShareConfig(bits=3), StructuredPruneConfig(macs_keep=0.6),
+                LowRankConfig(ratio=0.5, min_saved_macs=0), QuantConfig(mode="weights_only"),
+                DistillConfig(teacher=copy.deepcopy(model), train=STEPS)):
+        out = apply_stage(model, cfg, task).model
+        assert out is not model, type(cfg).__name__
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), type(cfg).__name__
+        assert set(before) == set(model.state_dict()), type(cfg).__name__
+    assert apply_stage(model, STEPS, task).model is model
+    assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_plain_fit_keeps_pruned_zeros_without_being_told(base):
+    """fit applies the hooks of every compression present itself (no caller passes them)."""
+    from torchslim import fit
+
+    model, task = copy.deepcopy(base[0]), base[1]
+    pruned = apply_stage(model, PruneConfig(sparsity=0.6), task).model
+    zeros = {n: w == 0 for n, w in _weights(pruned).items()}
+    fit(pruned, task, STEPS)  # no hooks given
+    after = _weights(pruned)
+    assert all(int((after[n][zeros[n]] != 0).sum()) == 0 for n in zeros)
+    assert any(not torch.equal(after[n], base_w) for n, base_w in _weights(base[0]).items())

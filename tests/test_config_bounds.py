@@ -23,6 +23,7 @@ BASE = {
     "LowRankConfig": {"ratio": 0.5},
     "LayerDropConfig": {"count": 1},
     "RecoveryConfig": {"method": "random"},
+    "CascadeConfig": {"small": "torchslim.zoo:build_model"},
 }
 # numeric fields validated by hand (the rule for them is richer than one range)
 BY_HAND = {

@@ -104,6 +104,7 @@ def test_centroid_finetune_keeps_structure_and_learns(task):
     books0 = {n: p.codebook.detach().clone() for n, p in shared_layers(apply(pruned_mlp(keep=0.5), ShareConfig(bits=3), task).model).items()}
     zeros0 = {n: m.weight.detach() == 0 for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     result = apply_stage(model, cfg, task)
+    model = result.model  # a stage returns a new model (the input is not modified)
     assert result.info["finetune"]["steps"] == 15
     for name, p in shared_layers(model).items():
         w = model.get_submodule(name).weight.detach()

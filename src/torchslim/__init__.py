@@ -12,16 +12,13 @@ from . import (  # callable packages: torchslim.prune(model, cfg, task), torchsl
     quantize,
 )
 from .distill import DistillConfig
-from .distill import apply as distill
 from .errors import ConfigError, TaskError, TorchslimError, WeightsError
 from .export.rebuild import load
 from .lowrank import LowRankConfig
-from .lowrank import apply as factorize
 from .measure import MeasureConfig, Record, count_macs, format_records, measure
 from .prune import NMConfig, PruneConfig, StructuredPruneConfig, TransformerPruneConfig
 from .quantize import QuantConfig
 from .share import ShareConfig
-from .share import apply as cluster
 from .stage import StageResult, apply_stage
 from .task import Task
 from .train import FitResult, TrainConfig, fit
@@ -46,9 +43,11 @@ __all__ = [
     "TransformerPruneConfig",
     "WeightsError",
     "apply_stage",
+    "cascade",
     "cluster",
     "count_macs",
     "distill",
+    "early_exit",
     "factorize",
     "fit",
     "format_records",
@@ -65,3 +64,48 @@ def run_recipe(recipe, out=None, resume=False, log=print):
     from .runner import run_recipe as _run
 
     return _run(recipe, out=out, resume=resume, log=log)
+
+
+def _checked(config, cls: type, name: str) -> None:
+    if not isinstance(config, cls):
+        raise ConfigError(f"{name}: config must be a {cls.__name__}, got {type(config).__name__}")
+
+
+def cluster(model, config: ShareConfig, task: Task) -> StageResult:
+    """Weight sharing (k-means codebooks, optional fine-tune) on a copy of model."""
+    _checked(config, ShareConfig, "cluster")
+    return apply_stage(model, config, task)
+
+
+def factorize(model, config: LowRankConfig, task: Task) -> StageResult:
+    """Low-rank factorization (SVD pairs, optional fine-tune) on a copy of model."""
+    _checked(config, LowRankConfig, "factorize")
+    return apply_stage(model, config, task)
+
+
+def distill(model, config: DistillConfig, task: Task, teacher=None) -> StageResult:
+    """Knowledge distillation of a copy of model (the student) from ``teacher`` (default:
+    config.teacher)."""
+    import dataclasses
+
+    _checked(config, DistillConfig, "distill")
+    if teacher is not None:
+        config = dataclasses.replace(config, teacher=teacher)
+    return apply_stage(model, config, task)
+
+
+def early_exit(model, config, task: Task) -> StageResult:
+    """Exit heads after chosen blocks, trained and calibrated; the returned model really skips
+    the blocks an easy input does not need (torchslim.dynamic, docs/early_exit.md)."""
+    from .dynamic import ExitConfig
+
+    _checked(config, ExitConfig, "early_exit")
+    return apply_stage(model, config, task)
+
+
+def cascade(model, config, task: Task) -> StageResult:
+    """A small model answers first and hands low-confidence inputs to ``model`` (the large one)."""
+    from .dynamic import CascadeConfig
+
+    _checked(config, CascadeConfig, "cascade")
+    return apply_stage(model, config, task)

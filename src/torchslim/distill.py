@@ -27,6 +27,7 @@ from torch import nn
 
 from .bounds import bounded, check_bounds, fraction
 from .errors import ConfigError, check
+from .losses import kd_loss
 from .stage import StageResult, register_stage, training_hooks
 from .task import Task, as_tensor, call_model, load_callable, resize_batch
 from .train import TrainConfig, fit
@@ -71,14 +72,6 @@ class DistillConfig:
         check(self.teacher is None or isinstance(self.teacher, (nn.Module, str)), "DistillConfig.teacher",
               f"must be an nn.Module or 'package.module:function', got {type(self.teacher).__name__}")
         check(isinstance(self.train, TrainConfig), "DistillConfig.train", "must be a torchslim.train.TrainConfig")
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton KD: T² · KL(softmax(t/T) || softmax(s/T)), averaged over samples (and positions)."""
-    c = student_logits.shape[-1]
-    s = F.log_softmax(student_logits.reshape(-1, c).float() / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.reshape(-1, c).float() / temperature, dim=-1)
-    return temperature**2 * F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
 def distill_task(task: Task, alpha: float, unlabeled: bool) -> Task:

@@ -32,7 +32,7 @@ from torch.nn.utils import parametrize
 from .bounds import check_bounds, count, seed_field
 from .errors import check
 from .export.archive import save_archive
-from .stage import StageResult, register_stage
+from .stage import StageResult, register_stage, training_hooks
 from .task import Task
 from .train import TrainConfig, fit
 
@@ -253,7 +253,8 @@ def apply(model: nn.Module, cfg: ShareConfig, task: Task | None = None) -> Stage
             layers[names[0]]["tied"] = names
     info: dict[str, Any] = {"layers": layers}
     if cfg.finetune is not None:
-        info["finetune"] = fit(model, task, cfg.finetune).to_dict()
+        # every compression on the model holds (a pruned layer left unshared keeps its zeros)
+        info["finetune"] = fit(model, task, cfg.finetune, hooks=training_hooks(model)).to_dict()
     if cfg.fp16_floats:
         round_floats_fp16(model)
     return StageResult(model=model, info=info, save=save_archive)

@@ -43,34 +43,35 @@ def register_stage(config_type: type) -> Callable[[Apply], Apply]:
 
 
 def apply_stage(model: nn.Module, config: Any, task: Task) -> StageResult:
+    """Run the technique registered for ``type(config)`` on a copy of model.
+
+    The one in-place rule: a compression stage never modifies the model it is given; it
+    returns a new one in ``StageResult.model`` (the input stays usable as the reference or
+    teacher). Training (``fit``, and a ``train`` stage) updates the model in place, as
+    ``torch.optim`` does. Every public entry point (``torchslim.prune``, ``quantize``,
+    ``cluster``, ``factorize``, ``distill``, recipes) goes through here."""
     fn = STAGES.get(type(config))
     if fn is None:
         known = ", ".join(sorted(t.__name__ for t in STAGES)) or "none registered"
         raise ConfigError(f"stage config {type(config).__name__}: no technique registered for it (known: {known})")
+    if not getattr(fn, "trains_in_place", False):
+        import copy
+
+        model = copy.deepcopy(model)
     return fn(model, config, task)
 
 
-# Modules whose import registers a technique; optional ones may be missing their extras.
-TECHNIQUE_MODULES = (
-    "torchslim.prune", "torchslim.quantize", "torchslim.share", "torchslim.distill", "torchslim.lowrank",
+from .compression_hooks import (  # noqa: F401 - re-exported: the registry's public names
+    _MISSING,
+    HOOK_PROVIDERS,
+    TECHNIQUE_MODULES,
+    load_techniques,
+    register_training_hooks,
+    training_hooks,
 )
 
-
-def load_techniques() -> None:
-    """Import every technique module so that its stage is registered (idempotent)."""
-    import importlib
-
-    for name in TECHNIQUE_MODULES:
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:  # an optional dependency is missing: that technique is absent
-            _MISSING[name] = str(exc)
-
-
-_MISSING: dict[str, str] = {}
-
-
-_ALIASES = {"NMConfig": "nm", "QuantConfig": "quantize", "LowRankConfig": "lowrank", "TrainConfig": "train"}
+_ALIASES = {"NMConfig": "nm", "QuantConfig": "quantize", "LowRankConfig": "lowrank", "TrainConfig": "train",
+            "ExitConfig": "early_exit"}
 
 
 def stage_name(config_type: type) -> str:
@@ -89,22 +90,6 @@ def stage_names() -> dict[str, type]:
     return {stage_name(t): t for t in STAGES}
 
 
-# Techniques whose compression must survive later training register a provider here:
-# ``provider(model) -> list of fit hooks`` (e.g. pruning returns a MaskKeeper when masks exist).
-HOOK_PROVIDERS: list[Callable[[nn.Module], list]] = []
-
-
-def register_training_hooks(provider: Callable[[nn.Module], list]) -> Callable[[nn.Module], list]:
-    HOOK_PROVIDERS.append(provider)
-    return provider
-
-
-def training_hooks(model: nn.Module) -> list:
-    """Hooks that keep every applied compression intact while ``model`` is trained further."""
-    load_techniques()
-    return [h for provider in HOOK_PROVIDERS for h in provider(model)]
-
-
 def _finetune(model: nn.Module, config: Any, task: Task) -> StageResult:
     from .train import fit
 
@@ -115,6 +100,7 @@ def _finetune(model: nn.Module, config: Any, task: Task) -> StageResult:
 def _register_finetune() -> None:
     from .train import TrainConfig
 
+    _finetune.trains_in_place = True  # type: ignore[attr-defined]
     STAGES.setdefault(TrainConfig, _finetune)
 
 

@@ -13,7 +13,7 @@ from the last one and reaches the same weights as an uninterrupted run with the 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,9 +21,21 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .errors import TorchslimError, check
-from .task import Task, as_tensor, call_model
-from .utils import atomic_write, default_device, seed_everything, to_device
+from . import distributed
+from .errors import check
+from .task import Task
+from .train_loop import (  # noqa: F401 - TrainingError and penalty are part of this module's API
+    Parallel,
+    TrainingError,
+    end_of_epoch,
+    load_checkpoint,
+    loader_generator,
+    penalty,
+    progress_bar,
+    save_checkpoint,
+    train_step,
+)
+from .utils import default_device, seed_everything
 
 OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam")
 
@@ -50,6 +62,10 @@ class TrainConfig:
     early_stopping_patience: epochs without val-metric improvement before stopping (None: off);
         the best val weights are restored at the end when it is on.
     checkpoint_dir + resume: per-epoch atomic checkpoints and continuing from them.
+    distributed: under torchrun, "ddp" (DistributedDataParallel, the default) or "fsdp" (FSDP2
+        ``fully_shard``: dense fine-tunes and distillation only, without checkpoint_dir, early
+        stopping, l1/l2 or amp); ignored in one process. The global batch is the task's batch size
+        (per-rank batch = global / N) and lr is not rescaled: see ``torchslim.distributed``.
     """
 
     epochs: int = 10
@@ -69,6 +85,7 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     resume: bool = False
     progress: bool = False
+    distributed: str = "ddp"
 
     def __post_init__(self) -> None:
         # bounds on both sides: a budget of 1e9 epochs hangs, lr=inf validates and dies later
@@ -93,6 +110,14 @@ class TrainConfig:
               "given without a scheduler; set scheduler too")
         _device(self.device)
         check(not self.resume or self.checkpoint_dir is not None, "TrainConfig.resume", "needs checkpoint_dir to resume from")
+        check(self.distributed in distributed.MODES, "TrainConfig.distributed",
+              f"must be 'ddp' or 'fsdp' (how to train under torchrun), got {self.distributed!r}")
+        if self.distributed == "fsdp":
+            unsupported = [name for name, on in (("checkpoint_dir", self.checkpoint_dir is not None),
+                                                 ("early_stopping_patience", self.early_stopping_patience is not None),
+                                                 ("l1", self.l1 != 0), ("l2", self.l2 != 0), ("amp", self.amp)) if on]
+            check(not unsupported, "TrainConfig.distributed",
+                  f"'fsdp' does not support {', '.join(unsupported)} yet; drop it or use distributed: ddp")
 
 
 MAX_EPOCHS = 100_000
@@ -149,6 +174,7 @@ class FitResult:
     history: list[dict[str, float]]
     stopped_early: bool = False
     resumed_from_epoch: int | None = None
+    parallel: str = "single"  # or "ddp x2", "fsdp x4": how it ran under torchrun
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,18 +195,15 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> Any:
     return getattr(torch.optim.lr_scheduler, cfg.scheduler)(opt, **kwargs)
 
 
-def penalty(model: nn.Module, l1: float, l2: float) -> torch.Tensor | float:
-    """L1/L2 penalty over weight tensors (dim >= 2; biases and norms are not penalised)."""
-    if l1 == 0 and l2 == 0:
-        return 0.0
-    total: torch.Tensor | float = 0.0
-    for p in model.parameters():
-        if p.requires_grad and p.dim() >= 2:
-            if l1:
-                total = total + l1 * p.abs().sum()
-            if l2:
-                total = total + l2 * p.pow(2).sum()
-    return total
+def with_compression_hooks(model: nn.Module, hooks: Sequence[Hook]) -> list:
+    """hooks plus those of every compression present on model (pruning masks kept at zero, LSQ
+    scales kept positive, ...; stage.training_hooks), so whatever trains keeps what earlier
+    stages bought by construction, whoever calls fit. A kind of hook already given is not added
+    twice."""
+    from .compression_hooks import training_hooks
+
+    given = {type(h) for h in hooks}
+    return [*hooks, *(h for h in training_hooks(model) if type(h) not in given)]
 
 
 def fit(
@@ -191,16 +214,28 @@ def fit(
     params: Any = None,
 ) -> FitResult:
     """Train model in place on task.train; return what happened. ``params`` overrides the
-    parameters given to the optimizer (e.g. only centroids, or a student plus a projection)."""
+    parameters given to the optimizer (e.g. only centroids, or a student plus a projection).
+
+    Under torchrun (``distributed.init_from_env()`` done) every rank runs this with the same
+    arguments and trains its slice of each global batch (``cfg.distributed``: "ddp" or "fsdp");
+    only rank 0 writes the checkpoint, and every rank ends with rank 0's model (verified)."""
     cfg = cfg or TrainConfig()
+    hooks = with_compression_hooks(model, hooks)
+    par = Parallel(cfg.distributed)
     device = torch.device(cfg.device) if cfg.device else default_device()
-    model.to(device)
+    if par.on and device.type == "cuda":
+        device = distributed.device()
+    if par.mode != "fsdp":  # under FSDP the full model stays where it is; fully_shard moves the shards
+        model.to(device)
     seed_everything(cfg.seed)
     loader = task.split("train")
-    gen = _loader_generator(loader)
+    gen = loader_generator(loader)
     if gen is not None:  # shuffling depends on cfg.seed only, not on what ran before
         gen.manual_seed(cfg.seed)
-    opt = build_optimizer(params if params is not None else [p for p in model.parameters() if p.requires_grad], cfg)
+    net, model_ = par.prepare(model, cfg, hooks, params)
+    opt_params = params if params is not None else [p for p in model_.parameters() if p.requires_grad]
+    opt = build_optimizer(opt_params, cfg)
+    par.watch(net, opt_params)
     sched = build_scheduler(opt, cfg)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -208,154 +243,39 @@ def fit(
     ckpt = Path(cfg.checkpoint_dir) / "train_last.pt" if cfg.checkpoint_dir else None
     resumed_from = None
     if cfg.resume and ckpt is not None and ckpt.exists():
-        resumed_from = _load_checkpoint(ckpt, model, opt, sched, scaler, loader, state)
+        resumed_from = load_checkpoint(ckpt, model_, opt, sched, scaler, loader, state)
     stopped_early = False
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * len(loader)
-    progress = _progress(cfg.progress, total_steps, state["step"])
+    progress = progress_bar(cfg.progress and par.writes, total_steps, state["step"])
     while state["epoch"] < cfg.epochs and (cfg.max_steps is None or state["step"] < cfg.max_steps):
-        model.train()
+        net.train()
         losses = []
         for inputs, targets in loader:
             if cfg.max_steps is not None and state["step"] >= cfg.max_steps:
                 break
             try:
-                loss = _train_step(model, inputs, targets, task, cfg, hooks, opt, scaler, device, use_amp)
+                loss = train_step(net, model_, inputs, targets, task, cfg, hooks, opt, scaler, device, use_amp, par)
             except TrainingError as exc:
                 raise TrainingError(f"step {state['step'] + 1} (epoch {state['epoch'] + 1}): {exc}") from None
             state["step"] += 1
             for hook in hooks:
                 if hasattr(hook, "after_step"):
-                    hook.after_step(model, state["step"])
+                    hook.after_step(model_, state["step"])
             losses.append(loss)
             progress(1)
         state["epoch"] += 1
         record = {"epoch": state["epoch"], "train_loss": sum(losses) / max(len(losses), 1),
                   "lr": opt.param_groups[0]["lr"]}
-        stopped_early = _end_of_epoch(model, task, cfg, sched, state, record)
+        par.end_epoch(model_)
+        stopped_early = end_of_epoch(model_, task, cfg, sched, state, record)
         state["history"].append(record)
-        if ckpt is not None:
-            _save_checkpoint(ckpt, model, opt, sched, scaler, loader, state)
+        if ckpt is not None and par.writes:
+            save_checkpoint(ckpt, model_, opt, sched, scaler, loader, state)
         if stopped_early:
             break
     progress(None)
     if cfg.early_stopping_patience is not None and state["best_state"] is not None:
-        model.load_state_dict(state["best_state"])
-    return FitResult(state["epoch"], state["step"], state["best_val"], state["history"], stopped_early, resumed_from)
-
-
-class TrainingError(TorchslimError, FloatingPointError):
-    """Training cannot go on (a non-finite loss); the message names the step and the cause."""
-
-
-def _why_not_finite(model, inputs, outputs, loss, cfg) -> str:
-    """Which of inputs, weights, outputs or the loss went non-finite first."""
-    from .data_check import _tensors
-
-    for name, t in _tensors(inputs):
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            return f"training loss is {loss.item()} because the batch's {name} hold NaN/Inf; clean the data"
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p.detach()).all():
-            return f"training loss is {loss.item()}: weight {name} is NaN/Inf (diverged); lower TrainConfig.lr (now {cfg.lr})"
-    out = as_tensor(outputs)
-    if out.is_floating_point() and not torch.isfinite(out.detach()).all():
-        top = max((float(p.detach().abs().max()) for p in model.parameters() if p.numel()), default=0.0)
-        if top > 1e6:
-            return (f"training loss is {loss.item()}: the weights diverged (|w| up to {top:.2g}) and the outputs "
-                    f"overflowed; lower TrainConfig.lr (now {cfg.lr})")
-        return f"training loss is {loss.item()}: the model's outputs are NaN/Inf on finite inputs and weights"
-    return f"training loss became {loss.item()}; lower TrainConfig.lr (now {cfg.lr}) or the l1/l2 penalties"
-
-
-def _train_step(model, inputs, targets, task, cfg, hooks, opt, scaler, device, use_amp) -> float:
-    inputs, targets = to_device(inputs, device), to_device(targets, device)
-    with torch.autocast(device_type=device.type, enabled=use_amp):
-        outputs = call_model(model, inputs)
-        loss = task.loss(outputs, targets)
-        for hook in hooks:
-            if hasattr(hook, "extra_loss"):
-                loss = loss + hook.extra_loss(model, inputs, outputs, targets)
-    loss = loss + penalty(model, cfg.l1, cfg.l2)
-    if not math.isfinite(loss.item()):
-        raise TrainingError(_why_not_finite(model, inputs, outputs, loss, cfg))
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if cfg.grad_clip is not None:
-        scaler.unscale_(opt)
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    scaler.step(opt)
-    scaler.update()
-    return loss.item()
-
-
-def _end_of_epoch(model, task, cfg, sched, state, record) -> bool:
-    """Validate, step the scheduler, track the best weights; True when early stopping fires."""
-    val = task.evaluate(model, "val") if task.val is not None else None
-    if val is not None:
-        record["val_metric"] = val
-    if sched is not None:
-        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            sched.step(val if val is not None else -record["train_loss"])
-        else:
-            sched.step()
-    if val is None or cfg.early_stopping_patience is None:
-        state["best_val"] = val if val is not None and (state["best_val"] is None or val > state["best_val"]) else state["best_val"]
-        return False
-    if state["best_val"] is None or val > state["best_val"]:
-        state["best_val"], state["bad_epochs"] = val, 0
-        state["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return False
-    state["bad_epochs"] += 1
-    return state["bad_epochs"] >= cfg.early_stopping_patience
-
-
-def _save_checkpoint(path: Path, model, opt, sched, scaler, loader, state) -> None:
-    payload = {
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict() if sched is not None else None,
-        "scaler": scaler.state_dict(),
-        "rng_torch": torch.get_rng_state(),
-        "rng_loader": _loader_generator(loader).get_state() if _loader_generator(loader) is not None else None,
-        "state": state,
-    }
-    atomic_write(path, lambda p: torch.save(payload, p))
-
-
-def _load_checkpoint(path: Path, model, opt, sched, scaler, loader, state) -> int:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(payload["model"])
-    opt.load_state_dict(payload["optimizer"])
-    if sched is not None and payload["scheduler"] is not None:
-        sched.load_state_dict(payload["scheduler"])
-    scaler.load_state_dict(payload["scaler"])
-    torch.set_rng_state(payload["rng_torch"])
-    gen = _loader_generator(loader)
-    if gen is not None and payload["rng_loader"] is not None:
-        gen.set_state(payload["rng_loader"])
-    state.update(payload["state"])
-    return state["epoch"]
-
-
-def _loader_generator(loader) -> torch.Generator | None:
-    sampler = getattr(loader, "sampler", None)
-    return getattr(sampler, "generator", None) or getattr(loader, "generator", None)
-
-
-def _progress(enabled: bool, total: int, done: int) -> Callable[[int | None], None]:
-    """A rich progress bar when enabled; returns advance(n) and advance(None) to close."""
-    if not enabled:
-        return lambda n: None
-    from rich.progress import Progress
-
-    bar = Progress(transient=True)
-    bar.start()
-    tid = bar.add_task("training", total=total, completed=done)
-
-    def advance(n: int | None) -> None:
-        if n is None:
-            bar.stop()
-        else:
-            bar.advance(tid, n)
-
-    return advance
+        model_.load_state_dict(state["best_state"])
+    par.finish(model, model_)
+    return FitResult(state["epoch"], state["step"], state["best_val"], state["history"], stopped_early, resumed_from,
+                     par.describe())

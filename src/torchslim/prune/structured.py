@@ -241,6 +241,9 @@ def prune_structured(model: nn.Module, cfg: StructuredPruneConfig, task: Task) -
           "run structured pruning before weight sharing in the recipe")
     example = task.example_inputs(batch_size=1)
     was_training, model = model.training, copy.deepcopy(model)
+    # tracing, MAC counting and scoring run forward passes: in eval mode, so BatchNorm running
+    # statistics are not updated by them (results must not depend on the mode the model came in)
+    model.eval()
     names = dict(model.named_modules())
     unknown = [n for n in cfg.ignore if n not in names]
     check(not unknown, "StructuredPruneConfig.ignore", f"no module named {unknown[:1]} in the model")
@@ -280,6 +283,7 @@ def prune_structured(model: nn.Module, cfg: StructuredPruneConfig, task: Task) -
                                "removed": {k: v for k, v in plan.items() if v}}
         if cfg.finetune is not None and task.train is not None:
             row["finetune"] = fit(model, task, cfg.finetune, hooks=training_hooks(model)).to_dict()["history"]
+            model.eval()
         history.append(row)
     after_widths, after_layer_macs = graph.layer_widths(model), layer_macs(model, example)
     layers = {n: {"in_before": base_widths[n][0], "in_after": after_widths[n][0],

@@ -24,8 +24,12 @@ from .torchao_backend import TorchaoConfig, torchao_quantize
 
 
 def quantize(model, config: QuantConfig, task) -> StageResult:
-    """Quantize model as config says; returns StageResult(model, info, save)."""
-    return apply(model, config, task)
+    """Quantize a copy of model as config says; returns StageResult(model, info, save)."""
+    from ..errors import check
+    from ..stage import apply_stage
+
+    check(isinstance(config, QuantConfig), "quantize", f"config must be a QuantConfig, got {type(config).__name__}")
+    return apply_stage(model, config, task)
 
 
 make_callable_module(__name__, quantize)
