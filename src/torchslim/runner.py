@@ -13,6 +13,7 @@ is not trusted input, and a planted checkpoint is refused in one line, never run
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .checkpoint import load_module, save_module
 from .data_check import check_task_and_model
 from .errors import TorchslimError
@@ -58,33 +60,51 @@ def run_recipe(recipe: Recipe | str | Path | dict, out: str | Path | None = None
     A recipe that names code ('package.module:function' for its task, model or teacher) runs
     that code: it is refused unless ``trust_code`` (CLI ``--trust-code``) approves it, and when
     the recipe lists ``trust_code: [modules]`` only those modules may be named. Approved, the
-    current folder is importable, so a ``my_task.py`` beside the recipe is found."""
+    current folder is importable, so a ``my_task.py`` beside the recipe is found.
+
+    Under ``torchrun`` every rank runs this: training is data-parallel (``distributed.py``),
+    rank 0 alone measures and writes (lock, checkpoints, artifacts, run.json) while the others
+    wait, and after every stage the model is broadcast from rank 0 and verified identical."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     _approve_code(recipe, trust_code)
     out_dir = Path(out or recipe.spec.out or "out")
-    with folder_lock(out_dir):
-        return _run(recipe, out_dir, resume, log)
+    with distributed.session():
+        if not distributed.is_main():
+            log = _silent
+        with folder_lock(out_dir) if distributed.is_main() else _no_lock():
+            return _run(recipe, out_dir, resume, log)
+
+
+def _silent(message: str) -> None:
+    """The log of ranks other than 0 (rank 0 tells the story once)."""
+
+
+@contextlib.contextmanager
+def _no_lock():
+    yield
 
 
 def _run(recipe: Recipe, out_dir: Path, resume: bool, log: Progress) -> dict[str, Any]:
     state_dir = out_dir / ".state"
     start = time.perf_counter()
-    swept = sweep_temp_files(out_dir)
+    main = distributed.is_main()
+    swept = sweep_temp_files(out_dir) if main else []
     if swept:
         log(f"removed {len(swept)} temp file(s) an interrupted write left: {', '.join(swept[:3])}")
     mcfg = MeasureConfig(batch_size=recipe.spec.measure.batch_size, threads=recipe.spec.measure.threads,
                          repeats=recipe.spec.measure.repeats)
     task = build_task(recipe.task.name, **recipe.task.kwargs)
     keys = recipe_keys(recipe.source)
-    state = _load_state(state_dir) if resume else None
+    state = distributed.broadcast_object(_load_state(state_dir) if resume and main else None)
     if state is None:
-        removed = clean_outputs(out_dir)
+        removed = clean_outputs(out_dir) if main else []
         if removed:
             log(f"cleaned the outputs of an earlier run in {out_dir}: {', '.join(removed[:4])}"
                 + (", ..." if len(removed) > 4 else ""))
         model = _baseline(recipe, task, log)
         reference = copy.deepcopy(model).eval()  # later stages may change the model in place
-        rows = [_measure(model, task, mcfg, out_dir, "baseline", None, {})]
+        distributed.verify_identical(model, "baseline")
+        rows = [_on_main(_measure, model, task, mcfg, out_dir, "baseline", None, {})]
         if _untrained(recipe):
             msg = (f"model {recipe.model.name!r} was neither trained (no `train:` block) nor given weights "
                    "(`model.weights`): compressing a randomly initialized model")
@@ -92,7 +112,7 @@ def _run(recipe: Recipe, out_dir: Path, resume: bool, log: Progress) -> dict[str
             log(f"warning: {msg}")
         state = {"done": 0, "checkpointed": [], "keys": keys, "rows": rows,
                  "timings": {"baseline": round(time.perf_counter() - start, 2)}}
-        _save_state(state_dir, model, state, log)
+        state = _save_state(state_dir, model, state, log)
         if 0 not in state["checkpointed"]:
             raise RunStateError("the baseline model cannot be checkpointed, so no stage can resume from it")
     else:
@@ -110,18 +130,27 @@ def _run(recipe: Recipe, out_dir: Path, resume: bool, log: Progress) -> dict[str
         log(f"stage {stage.name}: {stage.technique}")
         config = _with_teacher(stage.config, _ckpt(state_dir, 0))
         model, info, save = _run_stage(model, stage, config, task, recipe.spec.seed + i + 1)
-        state["rows"].append(_measure(model, task, mcfg, out_dir, stage.name, save, info, reference, i + 1))
+        state["rows"].append(_on_main(_measure, model, task, mcfg, out_dir, stage.name, save, info, reference, i + 1))
         state["done"] = i + 1
         violation = _guard(state["rows"][0], state["rows"][-1], recipe.spec.guard, log)
         state["timings"][stage.name] = round(time.perf_counter() - t0, 2)
-        _save_state(state_dir, model, state, log)
+        state = _save_state(state_dir, model, state, log)
         if violation and recipe.spec.guard.error:
             raise GuardError(f"stage {stage.name!r}: {violation} (guard.error is true; raise guard.max_drop "
                              "or fix the stage, then --resume)")
-    exports = _export(model, task, recipe, out_dir, log)
+    exports = _on_main(_export, model, task, recipe, out_dir, log)
     summary = _summary(recipe, state, exports, time.perf_counter() - start)
-    atomic_write_text(out_dir / "run.json", json.dumps(summary, indent=2, default=_jsonable))
+    if main:
+        atomic_write_text(out_dir / "run.json", json.dumps(summary, indent=2, default=_jsonable))
+    distributed.barrier()  # no rank returns before run.json is there
     return summary
+
+
+def _on_main(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) on rank 0 alone (measuring, writing), its result given to every rank; the others
+    wait, so they neither write nor compete for the CPU that rank 0 is timing on."""
+    result = fn(*args) if distributed.is_main() else None
+    return distributed.broadcast_object(result)
 
 
 def _approve_code(recipe: Recipe, trust_code: bool) -> None:
@@ -195,9 +224,12 @@ def _run_stage(model: nn.Module, stage: Stage, config: Any, task, seed: int):
     seed_everything(seed)
     result = apply_stage(model, config, task)
     model = result.model
+    # every rank compressed the same model with the same seed; rank 0's result is the one kept
+    distributed.sync_module(model, f"stage {stage.name!r}")
     info = dict(result.info)
     if stage.finetune is not None:
         info["finetune"] = fit(model, task, stage.finetune, hooks=training_hooks(model)).to_dict()
+    distributed.verify_identical(model, f"stage {stage.name!r}")
     return model, info, result.save
 
 
@@ -271,11 +303,17 @@ def _summary(recipe: Recipe, state: dict, exports: dict, seconds: float) -> dict
     }
 
 
-def _save_state(state_dir: Path, model: nn.Module, state: dict, log: Progress) -> None:
-    """Checkpoint the model after stage ``state['done']`` and the rows. Every stage keeps its
-    checkpoint, so a resume after a changed stage starts from the one before it. A model that
-    cannot be serialized (an exotic module state) is not checkpointed: a resume then restarts
-    from the last one that was."""
+def _save_state(state_dir: Path, model: nn.Module, state: dict, log: Progress) -> dict:
+    """Checkpoint the model after stage ``state['done']`` and the rows (rank 0 writes; every
+    rank gets the state back). Every stage keeps its checkpoint, so a resume after a changed
+    stage starts from the one before it. A model that cannot be serialized (an exotic module
+    state) is not checkpointed: a resume then restarts from the last one that was."""
+    if distributed.is_main():
+        _write_state(state_dir, model, state, log)
+    return distributed.broadcast_object(state)
+
+
+def _write_state(state_dir: Path, model: nn.Module, state: dict, log: Progress) -> None:
     done = state["done"]
     try:
         save_module(model, _ckpt(state_dir, done))
