@@ -1,0 +1,278 @@
+"""online(model, stream, OnlineConfig): prequential (test-then-train) learning that keeps the
+model's compression exact.
+
+Each arriving batch is first predicted (eval mode, no gradient) and scored, its per-sample
+errors go to the drift detector, and only then is it learned from: ``steps_per_batch``
+optimizer steps on the batch (plus a replay sample), with the loss of ``fit`` (the task's loss
+and every hook's ``extra_loss``, EWC's included) and, after every step, every hook's
+``after_step``: ``torchslim.stage.training_hooks(model)`` gives the providers of the
+compression present (pruning masks re-applied, LSQ scales kept positive). Shared weights stay
+shared by construction (their weight is ``codebook[indices]``: only centroids get gradients)
+and fake-quant models train through their fake-quantizers, so the step needs nothing more.
+
+A per-batch loop rather than ``fit``: fit runs epochs over a Task's train loader and validates
+after each; a stream has no epochs and no validation split. The step itself is fit's (same
+loss composition and hook order).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import TorchslimError
+from ..stage import training_hooks
+from ..task import as_tensor, call_model, tensor_loss
+from ..train import TrainConfig, build_optimizer, build_scheduler
+from ..utils import model_device, to_device
+from . import state as ckpt_state
+from .config import OnlineConfig
+from .drift import DriftMonitor
+from .forgetting import EWC, ReplayBuffer
+from .invariants import coded_bytes_delta, differences, fingerprint
+from .regrow import regrow_by_gradient
+
+WINDOW = 20  # batches in the running prequential accuracy (and the pre-/post-drift levels)
+
+
+@dataclass
+class OnlineResult:
+    """What happened: the prequential accuracy overall and per batch, drift events, held-out
+    segment accuracies over time (forgetting), throughput, and the compression check."""
+
+    batches: int
+    samples: int
+    prequential_accuracy: float
+    curve: list[dict[str, float]]
+    drift_events: list[dict[str, Any]]
+    segment_eval: list[dict[str, float]]
+    seconds: float
+    samples_per_s: float
+    regrown: int = 0
+    resumed_from: int | None = None
+    compression_unchanged: bool | None = None
+    compression_changes: list[str] = field(default_factory=list)
+    coded_bytes_delta: dict[str, int] = field(default_factory=dict)
+    fingerprint_before: dict[str, Any] | None = None
+    fingerprint_after: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def accuracy_between(self, first: int, last: int | None = None) -> float:
+        """Prequential accuracy over batches [first, last) (sample-weighted)."""
+        pts = [p for p in self.curve if p["batch"] >= first and (last is None or p["batch"] < last)]
+        n = sum(p["n"] for p in pts)
+        return sum(p["acc"] * p["n"] for p in pts) / n if n else math.nan
+
+
+def _progress(enabled: bool | str) -> Callable[[str], None]:
+    on = sys.stdout.isatty() if enabled == "auto" else bool(enabled)
+    if not on:
+        return lambda line: None
+    try:
+        from rich.console import Console
+
+        console = Console()
+        return lambda line: console.print(line, highlight=False, markup=False)
+    except ImportError:  # pragma: no cover - rich is a dependency
+        return lambda line: print(line, flush=True)
+
+
+def _evaluate(model: nn.Module, sets: dict[str, tuple[Any, torch.Tensor]], device) -> dict[str, float]:
+    out = {}
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        for name, (x, y) in sets.items():
+            pred = as_tensor(call_model(model, to_device(x, device))).argmax(-1).cpu()
+            out[name] = float((pred == y).float().mean())
+    model.train(was)
+    return out
+
+
+def _optimizer(model: nn.Module, cfg: OnlineConfig):
+    tc = TrainConfig(lr=cfg.lr, optimizer=cfg.optimizer, optimizer_kwargs=cfg.optimizer_kwargs,
+                     scheduler=cfg.scheduler, scheduler_kwargs=cfg.scheduler_kwargs, epochs=1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TorchslimError("online: the model has no trainable parameters; use OnlineConfig(learn=False) to only score")
+    opt = build_optimizer(params, tc)
+    return opt, build_scheduler(opt, tc)
+
+
+def online(model: nn.Module, stream: Iterable[Any], cfg: OnlineConfig | None = None, *,
+           loss: Callable[[Any, torch.Tensor], torch.Tensor] = F.cross_entropy,
+           eval_sets: dict[str, tuple[Any, torch.Tensor]] | None = None,
+           checkpoint_dir: str | Path | None = None, resume: bool = False,
+           on_batch: Callable[[int, dict[str, Any]], None] | None = None,
+           check_compression: bool = True) -> OnlineResult:
+    """Learn from ``stream`` in place, test-then-train; see the module doc and OnlineConfig.
+
+    loss: ``loss(outputs, targets)`` (a Task's ``loss``); scoring is top-1 accuracy.
+    eval_sets: held-out ``{name: (x, y)}`` (e.g. one per stream segment) scored every
+        ``cfg.eval_every`` batches and at the end: accuracy on earlier segments is forgetting.
+    checkpoint_dir / resume: write ``online.pt`` every ``cfg.checkpoint_every`` batches and at
+        the end; resume continues at the next unseen batch (the stream must be re-creatable).
+    on_batch: called after each batch with (offset, curve point) (e.g. a folder watcher).
+    check_compression: fingerprint the compression before and after (it saves the model's
+        files to count their bytes: off when timing single steps).
+    """
+    cfg = cfg or OnlineConfig()
+    loss = tensor_loss(loss)
+    device = model_device(model)
+    torch.manual_seed(cfg.seed)
+    hooks = training_hooks(model) if cfg.learn else []
+    ewc = EWC(cfg.ewc_lambda) if cfg.learn and cfg.ewc_lambda > 0 else None
+    if ewc is not None:
+        hooks.append(ewc)
+    opt, sched = _optimizer(model, cfg) if cfg.learn else (None, None)
+    replay = ReplayBuffer(cfg.replay_capacity, cfg.seed) if cfg.learn and cfg.replay_capacity else None
+    monitor = DriftMonitor(cfg.detector, cfg.drift_delta)
+    recent: deque = deque(maxlen=max(cfg.ewc_batches, WINDOW))
+    loop: dict[str, Any] = {"offset": 0, "samples": 0, "correct": 0, "curve": [], "events": [], "evals": [],
+                            "boost_left": 0, "check_at": None, "pre_drift": None, "regrown": 0, "seconds": 0.0,
+                            "fingerprint": None}
+    path = Path(checkpoint_dir) / ckpt_state.NAME if checkpoint_dir is not None else None
+    resumed_from = None
+    if resume and path is not None and path.exists():
+        items, loop = ckpt_state.load(path, model, opt, sched, replay, ewc, monitor)
+        recent.extend(items)
+        resumed_from = loop["offset"]
+    if loop["fingerprint"] is None and check_compression:
+        loop["fingerprint"] = fingerprint(model)
+    say = _progress(cfg.progress)
+    sets = eval_sets or {}
+    start = time.perf_counter() - loop["seconds"]
+    from .stream import batches_from
+
+    for x, y in batches_from(stream, loop["offset"]):
+        if cfg.max_batches is not None and loop["offset"] >= cfg.max_batches:
+            break
+        offset = loop["offset"]
+        x, y = to_device(x, device), to_device(y, device)
+        model.eval()
+        with torch.no_grad():
+            pred = as_tensor(call_model(model, x)).argmax(-1)
+        errors = (pred != y).cpu()
+        point = {"batch": offset, "samples": loop["samples"] + len(y), "n": len(y), "acc": 1.0 - float(errors.float().mean())}
+        loop["curve"].append(point)
+        loop["samples"] += len(y)
+        loop["correct"] += int((~errors).sum())
+        events = monitor.update(errors, offset)
+        for e in events:
+            loop["events"].append(e.to_dict())
+            say(f"[online] drift ({e.direction}) at batch {offset}: error {e.error_before:.3f} -> {e.error_after:.3f}")
+        if cfg.learn:
+            if any(e.direction == "up" for e in events):
+                _on_drift(model, cfg, loop, ewc, recent, loss)
+            _learn(model, x, y, cfg, loop, opt, sched, hooks, replay, loss)
+            recent.append((x.detach().cpu(), y.detach().cpu()))
+            if loop["check_at"] is not None and offset >= loop["check_at"]:
+                _maybe_regrow(model, cfg, loop, recent, loss, say)
+        loop["offset"] = offset + 1
+        loop["seconds"] = time.perf_counter() - start
+        if sets and loop["offset"] % cfg.eval_every == 0:
+            loop["evals"].append({"batch": loop["offset"], **_evaluate(model, sets, device)})
+        if path is not None and loop["offset"] % cfg.checkpoint_every == 0:
+            ckpt_state.save(path, model, opt, sched, replay, ewc, monitor, list(recent), loop)
+        if loop["offset"] % max(cfg.checkpoint_every, 1) == 0:
+            rate = loop["samples"] / max(loop["seconds"], 1e-9)
+            say(f"[online] batch {loop['offset']}: {rate:,.0f} samples/s, prequential acc "
+                f"{loop['correct'] / max(loop['samples'], 1):.4f}, {len(loop['events'])} drift events")
+        if on_batch is not None:
+            on_batch(offset, point)
+    loop["seconds"] = time.perf_counter() - start
+    if sets and (not loop["evals"] or loop["evals"][-1]["batch"] != loop["offset"]):
+        loop["evals"].append({"batch": loop["offset"], **_evaluate(model, sets, device)})
+    if path is not None:
+        ckpt_state.save(path, model, opt, sched, replay, ewc, monitor, list(recent), loop)
+    before = loop["fingerprint"]
+    after = fingerprint(model) if before is not None else None
+    changes = differences(before, after) if before is not None else []
+    return OnlineResult(
+        batches=loop["offset"], samples=loop["samples"],
+        prequential_accuracy=loop["correct"] / loop["samples"] if loop["samples"] else math.nan,
+        curve=loop["curve"], drift_events=loop["events"], segment_eval=loop["evals"],
+        seconds=loop["seconds"], samples_per_s=loop["samples"] / max(loop["seconds"], 1e-9),
+        regrown=loop["regrown"], resumed_from=resumed_from,
+        compression_unchanged=(not changes) if before is not None else None, compression_changes=changes,
+        coded_bytes_delta=coded_bytes_delta(before, after) if before is not None else {},
+        fingerprint_before=before, fingerprint_after=after)
+
+
+def _window_acc(loop: dict[str, Any], n: int = WINDOW) -> float:
+    pts = loop["curve"][-n:]
+    total = sum(p["n"] for p in pts)
+    return sum(p["acc"] * p["n"] for p in pts) / total if total else math.nan
+
+
+def _on_drift(model, cfg: OnlineConfig, loop, ewc, recent, loss) -> None:
+    """Adapt: boost the LR for a while, consolidate EWC on the recent (pre-drift) window, and
+    schedule a capacity check (regrowth) at the end of the boost."""
+    loop["boost_left"] = cfg.boost_batches
+    if loop["pre_drift"] is None or loop["check_at"] is None:
+        loop["pre_drift"] = _window_acc(loop, WINDOW + 1)
+    if cfg.regrow_fraction > 0:
+        loop["check_at"] = loop["offset"] + max(cfg.boost_batches, WINDOW)
+    if ewc is not None and recent:
+        device = model_device(model)
+        ewc.consolidate(model, [(to_device(x, device), to_device(y, device)) for x, y in list(recent)[-cfg.ewc_batches:]], loss)
+
+
+def _maybe_regrow(model, cfg: OnlineConfig, loop, recent, loss, say) -> None:
+    level, before = _window_acc(loop), loop["pre_drift"]
+    loop["check_at"] = None
+    if before is not None and not math.isnan(before) and level < before - cfg.regrow_gap:
+        device = model_device(model)
+        n = regrow_by_gradient(model, [(to_device(x, device), to_device(y, device)) for x, y in recent], loss,
+                               cfg.regrow_fraction)
+        loop["regrown"] += n
+        say(f"[online] capacity short (acc {level:.3f} < {before:.3f} - {cfg.regrow_gap}): regrew {n} weights")
+    loop["pre_drift"] = None
+
+
+def _learn(model, x, y, cfg: OnlineConfig, loop, opt, sched, hooks, replay, loss) -> None:
+    if replay is not None and cfg.replay_batch > 0:
+        extra = replay.sample(cfg.replay_batch)
+        xs, ys = (torch.cat([x, extra[0].to(x.device)]), torch.cat([y, extra[1].to(y.device)])) if extra else (x, y)
+    else:
+        xs, ys = x, y
+    scheduled = [g["lr"] for g in opt.param_groups]
+    factor = cfg.boost_lr if loop["boost_left"] > 0 else 1.0
+    for g, lr in zip(opt.param_groups, scheduled):
+        g["lr"] = lr * factor
+    model.train()
+    for _ in range(cfg.steps_per_batch):
+        out = call_model(model, xs)
+        total = loss(out, ys)
+        for hook in hooks:
+            if hasattr(hook, "extra_loss"):
+                total = total + hook.extra_loss(model, xs, out, ys)
+        if not math.isfinite(total.item()):
+            raise TorchslimError(f"online: loss is {total.item()} at batch {loop['offset']}; lower OnlineConfig.lr (now {cfg.lr})")
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        for hook in hooks:
+            if hasattr(hook, "after_step"):
+                hook.after_step(model, loop["offset"])
+    for g, lr in zip(opt.param_groups, scheduled):
+        g["lr"] = lr
+    if sched is not None:
+        sched.step()
+    loop["boost_left"] = max(loop["boost_left"] - 1, 0)
+    if replay is not None:
+        replay.add(x, y)

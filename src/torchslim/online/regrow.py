@@ -1,0 +1,55 @@
+"""Regrowth when capacity is short after a drift: pruned weights with the largest gradient on
+the recent window come back, starting at zero (RigL's growth criterion, Evci et al. 2020).
+
+Not ``torchslim.prune.regrow.recover``: that one restores weights to their *pre-pruning*
+values and accepts a chunk only if a validation split's loss falls; a stream has neither the
+pre-pruning weights nor a validation split, and after a drift the old values are no better a
+start than zero. The masks are updated through ``torchslim.prune.attach_masks`` so every later
+step (MaskKeeper) keeps the new, slightly denser mask exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..task import call_model
+
+
+def regrow_by_gradient(model: nn.Module, batches: list[tuple[Any, torch.Tensor]], loss_fn: Any, fraction: float) -> int:
+    """Regrow ``fraction`` of the currently pruned entries (global ranking by |grad|); returns how many."""
+    from ..prune.masks import attach_masks, masks_of, param_of
+
+    masks = {n: m for n, m in masks_of(model).items() if isinstance(param_of(model, n), nn.Parameter)}
+    if not masks or not batches:
+        return 0
+    was = model.training
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    for x, y in batches:
+        loss_fn(call_model(model, x), y).backward()
+    scores, names = [], []
+    for n, m in masks.items():
+        g = param_of(model, n).grad
+        s = g.detach().abs().flatten().cpu() if g is not None else torch.zeros(m.numel())
+        scores.append(torch.where(m.flatten().cpu(), torch.full_like(s, -1.0), s))  # kept entries never chosen
+        names.append(n)
+    model.zero_grad(set_to_none=True)
+    model.train(was)
+    flat = torch.cat(scores)
+    pruned = int((flat >= 0).sum())
+    k = int(fraction * pruned)
+    if k == 0:
+        return 0
+    chosen = torch.topk(flat, k).indices
+    new, start = {}, 0
+    for n, s in zip(names, scores):
+        m = masks[n].flatten().clone()
+        local = chosen[(chosen >= start) & (chosen < start + len(s))] - start
+        m[local.to(m.device)] = True
+        new[n] = m.reshape(masks[n].shape)
+        start += len(s)
+    attach_masks(model, new, intersect=False)
+    return k
