@@ -1,0 +1,261 @@
+"""What a policy costs: MACs and parameters exactly, latency from a table measured on this machine.
+
+Latency follows HAQ's "hardware feedback": every Conv/Linear layer is timed alone on this CPU,
+in PyTorch eager, at the thread count and batch size of the measurement, at a grid of input x
+output widths (one table per distinct layer shape; candidates interleaved in the same repeats,
+``measure_latency.compare_latency``). A policy's latency is the sum of its layers' bilinearly
+interpolated times plus the rest of the model (norms, activations, adds, pooling): the
+table's ratio is calibrated against the whole model timed end to end at three uniform and
+six random mixed widths
+interleaved with the full one (a monotone curve from the table's ratio to the measured one: isotonic regression).
+All table entries are timed in one interleaved round-robin and made monotone in width. ``check`` times real pruned models
+against the baseline and reports the table's error; unstructured sparsity runs on dense kernels
+here, so it changes non-zeros, never latency.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..measure import count_nonzeros, count_params
+from ..measure_latency import compare_latency
+from ..measure_timing import timing_warnings
+from ..prune import graph
+from ..prune.structured import layer_macs
+from ..task import Task, call_model
+from ..utils import removing
+from .space import Policy, SearchSpace
+
+
+def materialize(model: nn.Module, space: SearchSpace, policy: Policy, example: Any) -> nn.Module:
+    """A physically pruned copy with the policy's widths (which channels go is irrelevant to
+    cost: the highest-indexed ones) and its unstructured sparsity as zeros; for counting/timing."""
+    out = copy.deepcopy(model).eval()
+    plan = {g.root: list(range(space.width(g, policy.keep.get(g.root, 1.0)), g.channels)) for g in space.groups}
+    if any(plan.values()):
+        graph.prune_plan(out, plan, example)
+    params = dict(out.named_parameters())
+    with torch.no_grad():
+        for layer, s in policy.sparsity.items():
+            w = params.get(f"{layer}.weight")
+            if w is not None and s > 0:
+                k = round(w.numel() * s)
+                idx = w.detach().abs().flatten().argsort()[:k]
+                w.view(-1)[idx] = 0.0
+    return out
+
+
+def _wire(space: SearchSpace) -> dict[str, tuple[str | None, str | None]]:
+    """layer -> (group root its inputs follow, group root its outputs follow)."""
+    out: dict[str, list[str | None]] = {n: [None, None] for n in space.layers}
+    for g in space.groups:
+        for m in g.members:
+            out.setdefault(m, [None, None])[1] = g.root
+        for m in g.inputs:
+            out.setdefault(m, [None, None])[0] = g.root
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def _layer_like(mod: nn.Module, c_in: int, c_out: int) -> nn.Module:
+    if isinstance(mod, nn.Linear):
+        return nn.Linear(c_in, c_out, bias=mod.bias is not None)
+    groups = c_in if mod.groups == mod.in_channels and mod.groups > 1 else mod.groups
+    return type(mod)(c_in, c_out, mod.kernel_size, stride=mod.stride, padding=mod.padding,
+                     dilation=mod.dilation, groups=groups, bias=mod.bias is not None)
+
+
+@dataclass
+class CostModel:
+    """Exact MACs (closed form per layer: MACs are bilinear in the kept in x out widths) and a
+    measured latency table; ``cost(policy)`` gives ratios to the unpruned model."""
+
+    space: SearchSpace
+    base_macs: dict[str, int]
+    base_widths: dict[str, tuple[int, int]]
+    wire: dict[str, tuple[str | None, str | None]]
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)  # layer -> {in, out, ms}
+    # measured ratio as a monotone function of the table's ratio: [table ratios], [measured]
+    curve: list[list[float]] = field(default_factory=lambda: [[0.0, 1.0], [0.0, 1.0]])
+    calibration: list[dict[str, float]] = field(default_factory=list)
+    base_ms: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def widths(self, policy: Policy) -> dict[str, tuple[int, int]]:
+        by_root = {g.root: self.space.width(g, policy.keep.get(g.root, 1.0)) for g in self.space.groups}
+        out = {}
+        for layer, (c_in, c_out) in self.base_widths.items():
+            gi, go = self.wire.get(layer, (None, None))
+            out[layer] = (by_root[gi] if gi else c_in, by_root[go] if go else c_out)
+        return out
+
+    def macs(self, policy: Policy) -> float:
+        w = self.widths(policy)
+        return float(sum(m * (w[n][0] / self.base_widths[n][0]) * (w[n][1] / self.base_widths[n][1])
+                         for n, m in self.base_macs.items()))
+
+    def latency_ms(self, policy: Policy) -> float:
+        w = self.widths(policy)
+        total = 0.0
+        for layer, t in self.tables.items():
+            ci, co = w[layer]
+            ms = np.asarray(t["ms"])  # rows: input widths, columns: output widths
+            row = [float(np.interp(co, t["out"], ms[i])) for i in range(len(t["in"]))]
+            total += float(np.interp(ci, t["in"], row))
+        return total
+
+    def cost(self, policy: Policy) -> dict[str, float]:
+        full = Policy({r: 1.0 for r in self.space.roots})
+        out = {"macs_ratio": self.macs(policy) / max(self.macs(full), 1.0)}
+        if self.tables:
+            table = self.latency_ms(policy) / self.latency_ms(full)
+            xs, ys = self.curve
+            # inside the calibrated range: the curve; below it: proportional to its first point
+            out["latency_ratio"] = float(np.interp(table, xs, ys)) if table >= xs[0] else table * ys[0] / max(xs[0], 1e-12)
+        return out
+
+    def counts(self, model: nn.Module, policy: Policy, example: Any) -> dict[str, int]:
+        """Exact parameters and non-zeros of the policy's model (counted on a materialized copy)."""
+        m = materialize(model, self.space, policy, example)
+        return {"params": count_params(m), "nonzeros": count_nonzeros(m)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tables": self.tables, "curve": self.curve,
+                "calibration": self.calibration,
+                "base_ms": self.base_ms, "notes": self.notes}
+
+
+def _layer_inputs(model: nn.Module, inputs: Any) -> dict[str, tuple[int, ...]]:
+    names = graph.module_names(model)
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def hook(mod: nn.Module, inp: Any, _out: Any) -> None:  # returns None: the output is untouched
+        shapes.setdefault(names[mod], tuple(inp[0].shape))
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, graph.ROOT_TYPES)]
+    with removing(hooks), torch.no_grad():
+        call_model(model, inputs)
+    return shapes
+
+
+def _grid(widths: list[int], most: int) -> list[int]:
+    """All legal widths when there are at most ``most``, else ``most`` of them evenly spread."""
+    if len(widths) <= most:
+        return widths
+    idx = np.unique(np.round(np.linspace(0, len(widths) - 1, most)).astype(int))
+    return [widths[i] for i in idx]
+
+
+def _basis(res: dict[str, dict[str, Any]]) -> str:
+    return "p10_ms" if timing_warnings(res) else "median_ms"
+
+
+def build_cost_model(model: nn.Module, space: SearchSpace, task: Task, batch_size: int = 256,
+                     threads: int | None = 1, grid: int = 9, repeats: int = 7, latency: bool = True) -> CostModel:
+    """Measure the latency table of ``model`` on this machine (see module doc), at up to
+    ``grid`` legal widths per side (all of them by default for 64 channels in steps of 8); ``latency=False``
+    gives the exact MACs part only (no timing)."""
+    model = model.eval()
+    example1 = task.example_inputs(batch_size=1)
+    cm = CostModel(space, layer_macs(model, example1), graph.layer_widths(model), _wire(space))
+    if not latency:
+        return cm
+    inputs = task.example_inputs(batch_size=batch_size)
+    shapes = _layer_inputs(model, inputs)
+    mods = dict(model.named_modules())
+    by_root = {g.root: g for g in space.groups}
+    keys: dict[str, tuple] = {}
+    layouts: dict[tuple, tuple[nn.Module, list[int], list[int], int, tuple]] = {}
+    for layer in space.layers:
+        if layer not in shapes:
+            continue
+        mod, (c_in, c_out) = mods[layer], cm.base_widths[layer]
+        gi, go = cm.wire[layer]
+        ins = _grid(space.widths(by_root[gi]), grid) if gi else [c_in]
+        outs = _grid(space.widths(by_root[go]), grid) if go else [c_out]
+        spatial = tuple(shapes[layer][2:]) if not isinstance(mod, nn.Linear) else ()
+        keys[layer] = (repr(mod), tuple(ins), tuple(outs), shapes[layer][0], spatial)
+        layouts.setdefault(keys[layer], (mod, ins, outs, shapes[layer][0], spatial))
+    # Every entry of every table in ONE interleaved round-robin: a load spike then stretches all
+    # entries alike instead of one layer's table, so ratios between layers stay consistent.
+    cands, xs = {}, {}
+    for k, (mod, ins, outs, batch, spatial) in enumerate(layouts.values()):
+        for a in ins:
+            x = xs.setdefault((batch, a, spatial), torch.randn(batch, a, *spatial))
+            for b in outs:
+                torch.manual_seed(0)
+                lay = _layer_like(mod, a, b).eval()
+                cands[f"{k}:{a}x{b}"] = (lambda lay=lay, x=x: lay(x))
+    res = compare_latency(cands, warmup=2, repeats=repeats, threads=threads)
+    basis = _basis(res)
+    cm.notes += [f"table: {w}" for w in timing_warnings(res)]
+    tables = {}
+    for k, (key, (_, ins, outs, _, _)) in enumerate(layouts.items()):
+        ms = np.asarray([[res[f"{k}:{a}x{b}"][basis] for b in outs] for a in ins])
+        # a wider layer is never faster: noise that says otherwise is removed (running max
+        # along both axes), so the table is monotone like the cost it stands for
+        ms = np.maximum.accumulate(np.maximum.accumulate(ms, axis=0), axis=1)
+        tables[key] = {"in": ins, "out": outs, "ms": ms.tolist()}
+    cm.tables = {layer: tables[key] for layer, key in keys.items()}
+    _calibrate_rest(cm, model, space, inputs, threads, repeats)
+    return cm
+
+
+def _calibrate_rest(cm: CostModel, model: nn.Module, space: SearchSpace, inputs: Any, threads, repeats) -> None:
+    """Time the whole model at three narrower uniform widths and six random mixed ones,
+    interleaved with the full model (interleaved ratios survive a busy machine better than
+    times), and map the table's ratio to the measured one by a monotone curve through them."""
+    example1 = inputs[:1] if isinstance(inputs, torch.Tensor) else inputs
+    keeps = sorted(set(np.linspace(space.keep_min, 1.0, 4)[:-1].round(6)))
+    rng = np.random.default_rng(0)  # mixed widths too: those are what a search proposes
+    pols = [space.uniform(k) for k in keeps] + [
+        space.clip(Policy({r: float(v) for r, v in zip(space.roots, rng.uniform(space.keep_min, 1.0, len(space.roots)))}))
+        for _ in range(6)]
+    cands = {"full": lambda: call_model(model, inputs)}
+    for i, p in enumerate(pols):
+        m = materialize(model, space, p, example1)
+        cands[f"u{i}"] = lambda m=m: call_model(m, inputs)
+    res = compare_latency(cands, warmup=2, repeats=max(repeats, 9), threads=threads)
+    basis = _basis(res)
+    cm.notes += [f"calibration: {w}" for w in timing_warnings(res)]
+    cm.curve = [[0.0, 1.0], [0.0, 1.0]]
+    full = cm.latency_ms(Policy({r: 1.0 for r in space.roots}))
+    x = np.asarray([cm.latency_ms(p) / full for p in pols]) - 1.0
+    y = np.asarray([res[f"u{i}"][basis] / res["full"][basis] for i in range(len(pols))]) - 1.0
+    # a monotone map from table ratio to measured ratio (scikit-learn's isotonic regression,
+    # through the full model's (1, 1)): on this kind of CPU, narrow mixed widths run relatively
+    # slower inside the model than alone, a curve no single scale or line follows
+    from sklearn.isotonic import IsotonicRegression
+
+    xs, ys = np.append(x + 1.0, 1.0), np.append(y + 1.0, 1.0)
+    iso = IsotonicRegression(y_min=0.0, increasing=True, out_of_bounds="clip").fit(xs, ys, np.append(np.ones(len(x)), 5.0))
+    cm.curve = [[float(v) for v in iso.X_thresholds_], [float(v) for v in iso.y_thresholds_]]
+    cm.calibration = [{"keep": p.to_dict()["keep"], "table_ratio": float(xi + 1), "measured_ratio": float(yi + 1)}
+                      for p, xi, yi in zip(pols, x, y)]
+    cm.base_ms = float(res["full"][basis])
+
+
+def check(cm: CostModel, model: nn.Module, policies: list[Policy], task: Task, batch_size: int = 256,
+          threads: int | None = 1, repeats: int = 15) -> list[dict[str, Any]]:
+    """Predicted vs measured latency ratio (each pruned model timed interleaved with the
+    baseline); one row per policy with the relative error of the prediction."""
+    inputs, example1 = task.example_inputs(batch_size=batch_size), task.example_inputs(batch_size=1)
+    model = model.eval()
+    rows = []
+    for i, p in enumerate(policies):
+        pruned = materialize(model, cm.space, p, example1)
+        res = compare_latency({"base": lambda: call_model(model, inputs),
+                               "pruned": lambda pruned=pruned: call_model(pruned, inputs)},
+                              warmup=2, repeats=repeats, threads=threads)
+        basis = _basis(res)
+        measured = res["pruned"][basis] / res["base"][basis]
+        predicted = cm.cost(p)["latency_ratio"]
+        rows.append({"policy": i, "predicted_ratio": predicted, "measured_ratio": measured,
+                     "rel_error": (predicted - measured) / measured, "basis": basis.removesuffix("_ms"),
+                     "warnings": timing_warnings(res)})
+    return rows

@@ -1,0 +1,80 @@
+"""A policy is data: it becomes an ordinary recipe that ``torchslim run`` reproduces.
+
+Per-group keep ratios become one ``structured_prune`` stage per distinct ratio
+(``channel_keep`` = the ratio, ``ignore`` = the output layers of every other group, so each
+stage touches exactly its own groups); per-layer sparsities one ``prune`` stage
+(``per_layer``); one ``train`` stage fine-tunes; keep-float choices one ``quantize`` stage
+(``skip``). The techniques never learn that a search wrote the recipe.
+
+``evaluate`` applies those very stages the way the runner does (stage ``i`` seeded with
+``seed + i + 1``, fine-tune through ``fit`` with the techniques' training hooks), so the metric
+a trial reports is the metric ``torchslim run`` measures on the written recipe.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import nn
+
+from ..recipe import load_recipe
+from ..stage import apply_stage, training_hooks
+from ..task import Task
+from ..train import fit
+from ..utils import seed_everything
+from .space import Policy, SearchSpace
+
+
+def to_stages(policy: Policy, space: SearchSpace, finetune: dict[str, Any] | None,
+              criterion: str = "l2", quantize: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The recipe stages (plain mappings, as written in YAML) that carry out ``policy``."""
+    stages: list[dict[str, Any]] = []
+    by_keep: dict[int, list[str]] = {}
+    for g in space.groups:
+        w = space.width(g, policy.keep.get(g.root, 1.0))
+        if w < g.channels:
+            # group by the exact ratio that reproduces this width under channel_keep's rounding
+            by_keep.setdefault(round(w / g.channels * 1e6), []).append(g.root)
+    for ratio, roots in sorted(by_keep.items(), reverse=True):
+        keep = ratio / 1e6
+        others = sorted({m for g in space.groups if g.root not in roots for m in g.members})
+        stages.append({"name": f"keep-{keep:.3f}", "structured_prune": {
+            "macs_keep": None, "channel_keep": keep, "criterion": criterion, "ignore": others}})
+    sparse = {k: float(v) for k, v in policy.sparsity.items() if v > 0}
+    if sparse:
+        # PruneConfig scales per_layer by (sparsity now / sparsity) and gives unlisted selected
+        # layers `sparsity`: so sparsity = the largest value, and only the listed layers selected
+        stages.append({"prune": {"sparsity": max(sparse.values()), "per_layer": sparse,
+                                 "include": sorted(sparse), "scope": "layer"}})
+    if finetune:
+        stages.append({"name": "finetune", "train": dict(finetune)})
+    if policy.keep_float is not None:
+        q = dict(quantize or {"bits": 8, "mode": "static"})
+        q["skip"] = list(policy.keep_float)
+        stages.append({"quantize": q})
+    return stages
+
+
+def to_recipe(policy: Policy, space: SearchSpace, base: dict[str, Any], finetune: dict[str, Any] | None,
+              **kw: Any) -> dict[str, Any]:
+    """A whole recipe: ``base`` (task, model with weights, seed, measure, export...) + stages."""
+    recipe = {k: copy.deepcopy(v) for k, v in base.items() if k not in ("stages", "search", "train")}
+    recipe["stages"] = to_stages(policy, space, finetune, **kw)
+    return recipe
+
+
+def evaluate(model: nn.Module, recipe: dict[str, Any], task: Task, splits: tuple[str, ...] = ("val", "test")
+             ) -> tuple[nn.Module, dict[str, float]]:
+    """Run the recipe's stages on a copy of ``model`` as the runner does; metric per split."""
+    parsed = load_recipe(recipe)
+    seed = parsed.spec.seed
+    # train mode, as the runner hands over a freshly built model: the mode matters, because
+    # tracing a model in train mode (structured pruning) updates its BatchNorm statistics
+    model = copy.deepcopy(model).train()
+    for i, stage in enumerate(parsed.stages):
+        seed_everything(seed + i + 1)
+        model = apply_stage(model, stage.config, task).model
+        if stage.finetune is not None:
+            fit(model, task, stage.finetune, hooks=training_hooks(model))
+    return model, {s: float(task.evaluate(model, s)) for s in splits}
