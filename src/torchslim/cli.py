@@ -1,4 +1,4 @@
-"""The ``torchslim`` command: demo, measure, run, report, inspect, machine, stages.
+"""The ``torchslim`` command: demo, measure, run, report, inspect, machine, stages, online, search.
 
 Bad input ends with one line on stderr and exit code 2; no traceback.
 """
@@ -99,6 +99,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trust-code", action="store_true",
                    help="allow the recipe's 'package.module:function' task/model/teacher specs to be imported and run "
                         "(the current folder is importable); built-in tasks and models need no flag")
+    p.add_argument("--nproc", type=_bounded(1, 1024), default=1,
+                   help="train with N processes on this machine, 1-1024 (DDP: gloo on CPU, NCCL on CUDA); the same as "
+                        "`torchrun --standalone --nproc_per_node N -m torchslim run ...` (default 1)")
     p.set_defaults(func=_cmd_run)
 
 
@@ -116,14 +119,21 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from . import distributed
     from .measure import Record, format_records
     from .recipe import load_recipe
     from .runner import run_recipe
 
     con = console()
     recipe = load_recipe(args.recipe)  # every error surfaces here, before any work
+    if args.nproc > 1 and not distributed.under_torchrun():
+        argv = ["run", args.recipe, *(["--out", args.out] if args.out else []), *(["--resume"] if args.resume else []),
+                *(["--no-report"] if args.no_report else []), *(["--trust-code"] if args.trust_code else [])]
+        return distributed.launch(args.nproc, argv)
     summary = run_recipe(recipe, out=args.out, resume=args.resume, log=lambda m: con.print(m, markup=False),
                          trust_code=args.trust_code)
+    if not distributed.is_main():
+        return 0  # under torchrun rank 0 alone prints the table and writes the report
     con.print(format_records([Record.from_dict(r) for r in summary["rows"]]))
     out = args.out or recipe.spec.out or "out"
     if not args.no_report:
@@ -172,6 +182,41 @@ def _cmd_machine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_online(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("online", help="compress as a recipe says, then keep learning from its stream",
+                       description="Prequential online learning (predict, score, then learn each batch) of a "
+                                   "compressed model that stays compressed; see docs/online.md.")
+    p.add_argument("recipe", help="a recipe with a `stream` block (e.g. recipes/online_digits_drift.yaml)")
+    p.add_argument("--out", default=None, help="output directory (default: the recipe's `out`, else out/)")
+    p.add_argument("--resume", action="store_true", help="continue at the next unseen batch")
+    p.add_argument("--trust-code", action="store_true", help="allow the recipe to import your own module")
+    p.set_defaults(func=_cmd_online)
+
+
+def _cmd_online(args: argparse.Namespace) -> int:
+    from .online_app import run_online_recipe
+
+    con = console()
+    return run_online_recipe(args.recipe, args.out, resume=args.resume, trust_code=args.trust_code,
+                             log=lambda m: con.print(m, markup=False))
+
+
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="search the best compression policy under a budget; writes it as a recipe",
+                       description="Per-layer policy search (uniform, sensitivity, random, Optuna TPE/NSGA-II, "
+                                   "an AMC-style RL agent) against measured cost; see docs/search.md.")
+    p.add_argument("recipe", help="a recipe with a `search` block (e.g. recipes/search_rescnn_latency.yaml)")
+    p.add_argument("--out", default=None, help="output directory")
+    p.add_argument("--resume", action="store_true", help="continue the study (finished trials are kept)")
+    p.set_defaults(func=_cmd_search)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .search_app import run_search
+
+    return run_search(args.recipe, args.out, resume=args.resume)
+
+
 def _add_stages(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stages", help="list the recipe stages, or one stage's fields, defaults and ranges",
                        description="Every stage a recipe can name (read from the stage registry).")
@@ -209,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_machine(sub)
     _add_stages(sub)
+    _add_online(sub)
+    _add_search(sub)
     return parser
 
 

@@ -122,9 +122,12 @@ class Recipe:
 
 def load_recipe(path_or_data: str | Path | dict[str, Any]) -> Recipe:
     """Read (YAML or JSON file, or a dict) and validate a whole recipe."""
-    data = _read(path_or_data) if not isinstance(path_or_data, dict) else path_or_data
+    data = read_recipe_file(path_or_data) if not isinstance(path_or_data, dict) else path_or_data
     if not isinstance(data, dict):
         raise RecipeError(f"recipe: must be a mapping with keys task, model, stages, got {type(data).__name__}")
+    for key, command in (("search", "torchslim search"), ("stream", "torchslim online")):
+        _check(key not in data, key, f"this recipe is for `{command}` (its {key!r} block); `torchslim run` "
+               "takes recipes without one")
     try:
         spec = RecipeSpec.model_validate(data)
     except ValidationError as exc:
@@ -205,7 +208,7 @@ def _depth(obj: Any, limit: int = MAX_DEPTH) -> None:
             stack += [(v, d + 1) for v in o]
 
 
-def _read(path: str | Path) -> Any:
+def read_recipe_file(path: str | Path) -> Any:
     """Parse a recipe file: UTF-8, at most MAX_RECIPE_BYTES, JSON or safe YAML without
     duplicate keys, alias bombs or deep nesting; each problem is one RecipeError line."""
     p = Path(path)
@@ -369,6 +372,11 @@ def _rebase(message: str, cls_name: str, path: str) -> str:
 def _check(cond: bool, path: str, msg: str) -> None:
     if not cond:
         raise RecipeError(f"{path}: {msg}")
+
+
+def pydantic_message(exc: ValidationError) -> str:
+    """One line naming the first invalid field of a pydantic validation error."""
+    return _pydantic_message(exc)
 
 
 def _pydantic_message(exc: ValidationError) -> str:
