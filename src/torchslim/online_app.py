@@ -58,6 +58,9 @@ class SourceSpec(_Strict):
 class StreamSpec(_Strict):
     batch_size: int = Field(32, ge=1, le=65_536, strict=True)
     segments: list[SourceSpec] = Field(min_length=1, max_length=1000)
+    # a fake-quant model learns through its quantizers; at every checkpoint (and at the end) a
+    # copy is converted to this real int8 backend and written to artifacts/ (null: not exported)
+    export: Literal["onnxruntime", "torchao"] | None = None
 
 
 class OnlineRecipe(_Strict):
@@ -137,11 +140,72 @@ def _compressed_model(recipe: dict[str, Any], out_dir: Path, resume: bool, trust
     return model, task, summary
 
 
+def _exporter(backend: str, task, out: Path, records: list[dict[str, Any]], log):
+    """on_checkpoint for online(): convert a copy of the fake-quant model to ``backend`` (its plan
+    is the model's own FakeQuantLayers: bits, or float where disabled) and write it under
+    artifacts/, recording its bytes and how often its predictions agree with the fake-quant
+    model's on the task's test split."""
+    import copy
+    import dataclasses
+
+    from .quantize.convert import convert
+    from .quantize.fake import FakeQuantLayer
+    from .quantize.mixed import LayerChoice
+
+    def export(model, offset: int) -> None:
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLayer)}
+        if not layers:
+            raise TorchslimError(f"stream.export: {backend!r} needs a quantized (fake-quant) model; the recipe's "
+                                 "stages have no quantize stage with backend 'simulate'")
+        cfg = dataclasses.replace(getattr(model, "quant_config", None) or _quant_config(model), backend=backend)
+        plan = [LayerChoice(n, m.wq.bits if getattr(m, "enabled", True) else None) for n, m in layers.items()]
+        sim = copy.deepcopy(model).eval()
+        res = convert(sim, plan, cfg, task)
+        suffix = ".onnx" if backend == "onnxruntime" else ".pt"
+        path = out / "artifacts" / f"online-{offset:06d}{suffix}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        res.save(res.model, str(path))
+        agree = _agreement(sim, res.model, task)
+        records.append({"batch": offset, "backend": backend, "path": str(path.relative_to(out)),
+                        "bytes": path.stat().st_size, "agreement_with_fake_quant": agree})
+        log(f"[online] batch {offset}: exported {backend} int8 ({path.stat().st_size:,} bytes, "
+            f"{agree:.4f} of test predictions equal to the fake-quant model's)")
+
+    return export
+
+
+def _quant_config(model):
+    """The QuantConfig the fake-quant layers were made with (bits and schemes read back)."""
+    from .quantize.config import QuantConfig
+    from .quantize.fake import FakeQuantLayer
+
+    first = next(m for m in model.modules() if isinstance(m, FakeQuantLayer))
+    mode = "weights_only" if first.aq is None else ("dynamic" if first.aq.dynamic else "static")
+    return QuantConfig(bits=first.wq.bits, mode=mode)
+
+
+@torch.no_grad()
+def _agreement(a, b, task) -> float:
+    from .task import as_tensor, call_model
+
+    same = total = 0
+    for x, _ in task.split("test"):
+        pa = as_tensor(call_model(a, x)).argmax(-1)
+        pb = as_tensor(call_model(b, x)).argmax(-1)
+        same, total = same + int((pa == pb).sum()), total + len(pa)
+    return same / max(total, 1)
+
+
 def run_online_recipe(path: str | Path, out_dir: str | Path | None = None, resume: bool = False,
                       trust_code: bool = False, log=print) -> int:
     """Run an online recipe (module doc); 0 on success, 2 with one line on bad input."""
     try:
         recipe, spec, cfg = read_online_recipe(path)
+        if spec.stream.export:  # before any work: exporting needs a fake-quant model to learn with
+            quant = [st["quantize"] for st in recipe.get("stages", []) if isinstance(st, dict) and "quantize" in st]
+            if not quant or (quant[-1] or {}).get("backend", "simulate") != "simulate":
+                raise TorchslimError(f"stream.export: {spec.stream.export!r} needs a quantize stage with backend "
+                                     "'simulate' (the model learns through fake-quant and is exported at checkpoints)")
         out = Path(out_dir or recipe.get("out") or "out")
         with folder_lock(out):
             sweep_temp_files(out)
@@ -150,13 +214,15 @@ def run_online_recipe(path: str | Path, out_dir: str | Path | None = None, resum
                 clean_outputs(out)
             model, task, summary = _compressed_model(recipe, out, resume, trust_code, log)
             sets = {k: _arrays(task, s) for k, s in spec.eval.items() if s.source != "folder"}
+            exports: list[dict[str, Any]] = []
+            hook = _exporter(spec.stream.export, task, out, exports, log) if spec.stream.export else None
             result = online(model, build_stream(task, spec.stream), cfg, loss=task.loss, eval_sets=sets,
-                            checkpoint_dir=ckpt, resume=resume)
+                            checkpoint_dir=ckpt, resume=resume, on_checkpoint=hook)
             from .export.weights import save_weights
 
             save_weights(model, out / "model.safetensors")
             run = {"kind": "online", "recipe": str(path), "compression": summary, "online_config": cfg.to_dict(),
-                   "online": result.to_dict(), "files": {"model": "model.safetensors"}}
+                   "online": result.to_dict(), "files": {"model": "model.safetensors"}, "exports": exports}
             atomic_write_text(out / "run.json", json.dumps(run, indent=2, default=str))
             log(f"online: {result.batches} batches, {result.samples} samples, prequential accuracy "
                 f"{result.prequential_accuracy:.4f}, {result.samples_per_s:,.0f} samples/s, "

@@ -116,6 +116,7 @@ def online(model: nn.Module, stream: Iterable[Any], cfg: OnlineConfig | None = N
            eval_sets: dict[str, tuple[Any, torch.Tensor]] | None = None,
            checkpoint_dir: str | Path | None = None, resume: bool = False,
            on_batch: Callable[[int, dict[str, Any]], None] | None = None,
+           on_checkpoint: Callable[[nn.Module, int], None] | None = None,
            check_compression: bool = True) -> OnlineResult:
     """Learn from ``stream`` in place, test-then-train; see the module doc and OnlineConfig.
 
@@ -125,6 +126,8 @@ def online(model: nn.Module, stream: Iterable[Any], cfg: OnlineConfig | None = N
     checkpoint_dir / resume: write ``online.pt`` every ``cfg.checkpoint_every`` batches and at
         the end; resume continues at the next unseen batch (the stream must be re-creatable).
     on_batch: called after each batch with (offset, curve point) (e.g. a folder watcher).
+    on_checkpoint: called with (model, offset) at every checkpoint and at the end (the app
+        re-exports a fake-quant model to its real int8 backend there; online_app.py).
     check_compression: fingerprint the compression before and after (it saves the model's
         files to count their bytes: off when timing single steps).
     """
@@ -186,6 +189,8 @@ def online(model: nn.Module, stream: Iterable[Any], cfg: OnlineConfig | None = N
             loop["evals"].append({"batch": loop["offset"], **_evaluate(model, sets, device)})
         if path is not None and loop["offset"] % cfg.checkpoint_every == 0:
             ckpt_state.save(path, model, opt, sched, replay, ewc, monitor, list(recent), loop)
+        if on_checkpoint is not None and loop["offset"] % cfg.checkpoint_every == 0:
+            on_checkpoint(model, loop["offset"])  # e.g. re-export a fake-quant model to its real backend
         if loop["offset"] % max(cfg.checkpoint_every, 1) == 0:
             rate = loop["samples"] / max(loop["seconds"], 1e-9)
             say(f"[online] batch {loop['offset']}: {rate:,.0f} samples/s, prequential acc "
@@ -197,6 +202,8 @@ def online(model: nn.Module, stream: Iterable[Any], cfg: OnlineConfig | None = N
         loop["evals"].append({"batch": loop["offset"], **_evaluate(model, sets, device)})
     if path is not None:
         ckpt_state.save(path, model, opt, sched, replay, ewc, monitor, list(recent), loop)
+    if on_checkpoint is not None and loop["offset"] % cfg.checkpoint_every != 0:
+        on_checkpoint(model, loop["offset"])  # the final state too
     before = loop["fingerprint"]
     after = fingerprint(model) if before is not None else None
     changes = differences(before, after) if before is not None else []
