@@ -46,3 +46,35 @@ def test_export_of_a_float_model_is_refused_in_one_line(tmp_path, capsys):
     assert run_online_recipe(path, tmp_path / "out", log=lambda m: None) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "stream.export" in err[0]
+
+
+def test_report_of_an_online_run_plots_accuracy_over_the_stream(tmp_path):
+    pytest.importorskip("plotly")
+    from torchslim import cli
+
+    data = {**RECIPE, "stream": {**RECIPE["stream"], "export": None},
+            "eval": {"old": {"source": "task", "split": "test"}}, "online": {**RECIPE["online"], "eval_every": 2}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    assert run_online_recipe(path, out, log=lambda m: None) == 0
+    assert cli.main(["report", str(out / "run.json")]) == 0
+    html = (out / "report.html").read_text()
+    assert "data-plot='online-accuracy'" in html and "held-out: old" in html
+    from torchslim.report.dynamic_figures import online_series
+
+    s = online_series(json.loads((out / "run.json").read_text()))
+    assert len(s["x"]) == 6 and all(0.0 <= y <= 1.0 for y in s["y"])
+
+
+def test_exit_figures_from_an_early_exit_stage_info():
+    pytest.importorskip("plotly")
+    from torchslim.report.dynamic_figures import dynamic_figures, exit_series
+
+    run = {"rows": [{"stage": "baseline", "info": {}},
+                    {"stage": "early_exit", "info": {"exit_rates": [0.7, 0.27, 0.03], "exits_after": ["layers.0", "layers.1"],
+                                                     "curve": {"threshold": [0.5, 0.9], "accuracy": [0.97, 0.99],
+                                                               "mean_cost": [0.3, 0.5]}}}]}
+    (s,) = exit_series(run)
+    assert s["labels"] == ["layers.0", "layers.1", "end"] and s["rates"] == [0.7, 0.27, 0.03]
+    assert [name for name, _ in dynamic_figures(run)] == ["exits-early_exit", "exit-curve-early_exit"]

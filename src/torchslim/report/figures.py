@@ -93,7 +93,9 @@ def plotly_figures(run: dict[str, Any]) -> list[Any]:
         fig.update_layout(title="sensitivity: metric vs layer sparsity (others dense)", xaxis_title="sparsity",
                           yaxis_title=metric_name, height=400)
         figs.append(("sensitivity", fig))
-    return figs
+    from .dynamic_figures import dynamic_figures
+
+    return figs + dynamic_figures(run)
 
 
 def save_pngs(run: dict[str, Any], out_dir) -> list[str]:

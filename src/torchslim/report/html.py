@@ -127,6 +127,9 @@ def write_report(run_json: str | Path, out: str | Path | None = None) -> Path:
     except (json.JSONDecodeError, RecursionError) as exc:
         why = f"{exc.msg} at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else "nested too deep"
         raise TorchslimError(f"report: {str(path)!r} is not valid JSON ({why})") from None
+    if isinstance(run, dict) and run.get("kind") == "online" and isinstance(run.get("compression"), dict):
+        # torchslim online: the compression run's rows, plus the stream's accuracy curve
+        run = {**run["compression"], "online": run.get("online"), "name": f"{run['compression'].get('name') or 'run'} (online)"}
     rows = run.get("rows") if isinstance(run, dict) else None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise TorchslimError(f"report: {str(path)!r} has no 'rows' list of stage rows; is it a torchslim run.json?")
