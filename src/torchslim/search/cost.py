@@ -234,7 +234,14 @@ def _calibrate_rest(cm: CostModel, model: nn.Module, space: SearchSpace, inputs:
 
     xs, ys = np.append(x + 1.0, 1.0), np.append(y + 1.0, 1.0)
     iso = IsotonicRegression(y_min=0.0, increasing=True, out_of_bounds="clip").fit(xs, ys, np.append(np.ones(len(x)), 5.0))
-    cm.curve = [[float(v) for v in iso.X_thresholds_], [float(v) for v in iso.y_thresholds_]]
+    # the full model is the reference: its ratio is 1 by definition, and the pooled fit can land
+    # a little off it when a narrow model timed slower than full (noise on a busy machine); the
+    # curve is pinned there and kept monotone below it (a narrower model never predicted slower)
+    cx = [float(v) for v in iso.X_thresholds_]
+    cy = [min(float(v), 1.0) if xv < 1.0 else 1.0 for xv, v in zip(cx, iso.y_thresholds_)]
+    if cx[-1] < 1.0:
+        cx, cy = [*cx, 1.0], [*cy, 1.0]
+    cm.curve = [cx, cy]
     cm.calibration = [{"keep": p.to_dict()["keep"], "table_ratio": float(xi + 1), "measured_ratio": float(yi + 1)}
                       for p, xi, yi in zip(pols, x, y)]
     cm.base_ms = float(res["full"][basis])
