@@ -11,7 +11,7 @@ from torch import nn
 
 pytest.importorskip("onnxruntime")
 
-from torchslim.quantize.ort_backend import OrtQuantConfig, ort_quantize  # noqa: E402
+from torchslim.quantize.ort_backend import OrtQuantConfig, ort_quantize
 
 
 def _quantize(model, d):

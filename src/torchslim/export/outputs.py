@@ -49,6 +49,15 @@ class OutputSpec:
         except Exception:  # noqa: BLE001 - a mapping class that cannot be rebuilt: a plain dict
             return values
 
+    def to_dict(self) -> dict:
+        """Plain data (what a checkpoint stores: its loader builds no torchslim class but modules)."""
+        return {"kind": self.kind, "keys": list(self.keys), "dropped": self.dropped}
+
+    @classmethod
+    def from_dict(cls, d: dict | None, mapping_type: Any = None) -> OutputSpec:
+        d = d or {}
+        return cls(d.get("kind", "tensor"), tuple(d.get("keys", ())), d.get("dropped", ""), mapping_type)
+
     def __getstate__(self) -> dict:
         # only dict survives pickling (a ModelOutput class would have to be imported to load)
         state = self.__dict__.copy()

@@ -140,7 +140,8 @@ class OrtModel(nn.Module):
                  output_spec: OutputSpec | None = None):
         super().__init__()
         self.onnx_bytes, self.input_names, self.threads = onnx_bytes, list(input_names), threads
-        self.output_spec = output_spec or OutputSpec()  # a tuple / dict output comes back as one
+        spec = output_spec or OutputSpec()  # a tuple / dict output comes back as one
+        self.output_layout, self._output_type = spec.to_dict(), spec.mapping_type  # plain data (checkpoints)
         self.info = dict(info or {})
         self._session = None
 
@@ -166,7 +167,8 @@ class OrtModel(nn.Module):
         feed = {k: v.detach().cpu().numpy() for k, v in given.items() if k in wanted}
         device = next(iter(given.values())).device
         outs = [torch.from_numpy(o).to(device) for o in self.session.run(None, feed)]
-        return getattr(self, "output_spec", OutputSpec()).rebuild(outs)
+        spec = OutputSpec.from_dict(getattr(self, "output_layout", None), getattr(self, "_output_type", None))
+        return spec.rebuild(outs)
 
     def save(self, path: str | os.PathLike) -> Path:
         return atomic_write(path, lambda p: p.write_bytes(self.onnx_bytes))
@@ -174,6 +176,7 @@ class OrtModel(nn.Module):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_session"] = None  # sessions do not pickle; rebuilt on first use
+        state["_output_type"] = None  # a ModelOutput class: a mapping comes back as a dict after loading
         return state
 
     def extra_repr(self) -> str:
