@@ -43,7 +43,7 @@ ID = "B10"
 TITLE = "Early exits + cascade on rescnn1d/MNIST-1D: mean latency per sample at batch 1 and 64"
 EXITS = ("layers.0", "layers.1")  # an exit after layers.2 would save <= 19% of MACs for ~4% of head cost
 HEADLINE = ["mean_latency_speedup", "accuracy_drop_pt", "exit_rates", "batch1_speedup", "batch64_speedup"]
-NOTES = ("2-core machine shared with other engineers' jobs: ratios are from interleaved repeats "
+NOTES = ("2-core machine (check the timing warnings of each latency block): ratios are from interleaved repeats "
          "(p10 basis when a contention warning fired), absolute times are not meaningful.")
 
 
