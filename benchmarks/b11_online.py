@@ -51,8 +51,8 @@ TITLE = "Online learning on drifting streams: compressed vs dense vs frozen, rep
 HEADLINE = ["online_vs_dense_ratio", "gain_over_frozen_pt", "compression_unchanged", "samples_per_s"]
 BATCH = 32
 PERM = torch.tensor([3, 7, 1, 9, 0, 2, 8, 4, 6, 5])
-NOTES = ("2-core machine shared with other agents' jobs during the run: samples/s are wall-clock under "
-         "contention (compare arms within one run, not across machines); the interleaved step ratio is "
+NOTES = ("2-core machine: samples/s are wall-clock (under contention when another job ran; "
+         "compare arms within one run, not across machines); the interleaved step ratio is "
          "the figure to trust. Prequential accuracy counts every sample once, scored before it is learned.")
 
 
