@@ -13,6 +13,14 @@ from typing import Any
 
 from torch import nn
 
+from .compression_hooks import (  # noqa: F401 - re-exported: the registry's public names
+    _MISSING,
+    HOOK_PROVIDERS,
+    TECHNIQUE_MODULES,
+    load_techniques,
+    register_training_hooks,
+    training_hooks,
+)
 from .errors import ConfigError
 from .task import Task
 
@@ -60,15 +68,6 @@ def apply_stage(model: nn.Module, config: Any, task: Task) -> StageResult:
         model = copy.deepcopy(model)
     return fn(model, config, task)
 
-
-from .compression_hooks import (  # noqa: F401 - re-exported: the registry's public names
-    _MISSING,
-    HOOK_PROVIDERS,
-    TECHNIQUE_MODULES,
-    load_techniques,
-    register_training_hooks,
-    training_hooks,
-)
 
 _ALIASES = {"NMConfig": "nm", "QuantConfig": "quantize", "LowRankConfig": "lowrank", "TrainConfig": "train",
             "ExitConfig": "early_exit"}
