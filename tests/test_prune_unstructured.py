@@ -328,3 +328,10 @@ def test_finetune_recovery_keeps_sparsity_and_recovers(trained, task):
     assert res.info["recovery"]["val_metric"] > task.evaluate(pruned, "val")
     with pytest.raises(ConfigError, match="RecoveryConfig.finetune"):
         RecoveryConfig(method="finetune")
+
+
+def test_per_layer_with_zero_sparsity_is_refused():
+    """Schedules scale per_layer by (sparsity now / sparsity): sparsity 0 pruned nothing, silently."""
+    with pytest.raises(ConfigError, match=r"PruneConfig.sparsity: must be > 0 with per_layer"):
+        PruneConfig(sparsity=0.0, per_layer={"net.1": 0.5})
+    assert PruneConfig(sparsity=0.0).sparsity == 0.0  # alone, 0 stays a valid (no-op) target

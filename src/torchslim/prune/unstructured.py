@@ -36,7 +36,8 @@ class PruneConfig:
     """sparsity: fraction of the selected weights set to zero, in [0, 1).
     criterion: a name in importance.CRITERIA (magnitude, l1, l2, taylor, random).
     scope: "global" (one threshold over all selected layers) or "layer" (each layer alone);
-        per_layer ({layer name: sparsity}, e.g. from sensitivity.allocate) overrides both.
+        per_layer ({layer name: sparsity}, e.g. from sensitivity.allocate) overrides both;
+        selected layers it does not name get ``sparsity`` (which must then be > 0).
     layer_types / include / exclude: which modules' ``weight`` is pruned (class names; fnmatch
         patterns on module names). Biases and norms are never pruned.
     schedule: "oneshot" (prune, then fine-tune), "iterative" (``iterations`` rounds of
@@ -82,6 +83,11 @@ class PruneConfig:
         check(self.scope in SCOPES, "PruneConfig.scope", f"must be 'global' or 'layer', got {self.scope!r}")
         check(self.schedule in SCHEDULES, "PruneConfig.schedule", f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
         check(all(_in01(v) for v in (self.per_layer or {}).values()), "PruneConfig.per_layer", "every sparsity must be in [0, 1)")
+        # schedules scale per_layer by (sparsity now / sparsity): at sparsity 0 that pruned
+        # nothing at all, silently
+        check(not self.per_layer or self.sparsity > 0, "PruneConfig.sparsity",
+              "must be > 0 with per_layer (schedules scale the per-layer targets by it; selected layers "
+              "per_layer does not name get it): set it, e.g., to the largest per_layer value")
         check(len(self.layer_types) > 0 and len(self.include) > 0, "PruneConfig.layer_types",
               "layer_types and include must not be empty (nothing would be pruned)")
         needs_ft = self.schedule in ("iterative", "gradual", "l1")
