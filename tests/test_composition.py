@@ -24,7 +24,9 @@ from torchslim import (
     TrainConfig,
     apply_stage,
 )
+from torchslim.dynamic import ExitConfig
 from torchslim.errors import ConfigError
+from torchslim.prune import LayerDropConfig
 from torchslim.prune.masks import masks_of
 from torchslim.zoo import build_model, build_task
 
@@ -133,7 +135,8 @@ def test_one_in_place_rule(base):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for cfg in (PruneConfig(sparsity=0.5), NMConfig(), ShareConfig(bits=3), StructuredPruneConfig(macs_keep=0.6),
                 LowRankConfig(ratio=0.5, min_saved_macs=0), QuantConfig(mode="weights_only"),
-                DistillConfig(teacher=copy.deepcopy(model), train=STEPS)):
+                DistillConfig(teacher=copy.deepcopy(model), train=STEPS), LayerDropConfig(count=1),
+                ExitConfig(include=("net.2",), finetune=STEPS)):
         out = apply_stage(model, cfg, task).model
         assert out is not model, type(cfg).__name__
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), type(cfg).__name__

@@ -27,11 +27,10 @@ from torch import nn
 
 from .bounds import bounded, check_bounds, count, fraction
 from .errors import ConfigError, check
-from .lowrank_speed import is_faster, layer_inputs
+from .lowrank_speed import hooked_forward, is_faster, layer_inputs
 from .stage import StageResult, register_stage, training_hooks
-from .task import Task, call_model
+from .task import Task
 from .train import TrainConfig, fit
-from .utils import model_device, to_device
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -180,16 +179,7 @@ def _positions(model: nn.Module, mods: dict[str, nn.Module], inputs: Any) -> dic
             seen[name] += out.numel() // (out.shape[0] * width)
         return fn
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            call_model(model, to_device(inputs, model_device(model)))
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
+    hooked_forward(model, [(m, hook(n)) for n, m in mods.items()], inputs)
     return seen
 
 

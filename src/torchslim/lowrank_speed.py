@@ -25,6 +25,22 @@ from .task import call_model
 from .utils import model_device, to_device
 
 
+def hooked_forward(model: nn.Module, hooks: list[tuple[nn.Module, Any]], inputs: Any, pre: bool = False) -> None:
+    """One no-grad eval forward of inputs with each (module, hook) attached (forward hooks, or
+    pre-hooks with ``pre``); the mode is restored and the hooks removed after."""
+    register = (lambda m, h: m.register_forward_pre_hook(h)) if pre else (lambda m, h: m.register_forward_hook(h))
+    handles = [register(m, h) for m, h in hooks]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            call_model(model, to_device(inputs, model_device(model)))
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+
+
 def layer_inputs(model: nn.Module, mods: dict[str, nn.Module], inputs: Any) -> dict[str, torch.Tensor]:
     """The first input each named module sees on one forward of inputs (detached)."""
     seen: dict[str, torch.Tensor] = {}
@@ -35,16 +51,7 @@ def layer_inputs(model: nn.Module, mods: dict[str, nn.Module], inputs: Any) -> d
                 seen[name] = args[0].detach()
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in mods.items()]
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            call_model(model, to_device(inputs, model_device(model)))
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
+    hooked_forward(model, [(m, hook(n)) for n, m in mods.items()], inputs, pre=True)
     return seen
 
 

@@ -40,11 +40,20 @@ class StageResult:
 
 Apply = Callable[[nn.Module, Any, Task], StageResult]
 STAGES: dict[type, Apply] = {}
+# config types whose apply must not receive a copy: it already builds its result on its own copy
+# of the input, or it trains in place (train, online) by the in-place rule below
+NO_COPY: set[type] = set()
 
 
-def register_stage(config_type: type) -> Callable[[Apply], Apply]:
+def register_stage(config_type: type, copy_input: bool = True) -> Callable[[Apply], Apply]:
+    """Register ``apply`` for ``config_type``. ``copy_input=False`` for a technique that never
+    modifies its input itself (it copies first) or that trains in place."""
     def deco(fn: Apply) -> Apply:
         STAGES[config_type] = fn
+        if copy_input:
+            NO_COPY.discard(config_type)
+        else:
+            NO_COPY.add(config_type)
         return fn
 
     return deco
@@ -62,7 +71,7 @@ def apply_stage(model: nn.Module, config: Any, task: Task) -> StageResult:
     if fn is None:
         known = ", ".join(sorted(t.__name__ for t in STAGES)) or "none registered"
         raise ConfigError(f"stage config {type(config).__name__}: no technique registered for it (known: {known})")
-    if not getattr(fn, "trains_in_place", False):
+    if type(config) not in NO_COPY:
         import copy
 
         model = copy.deepcopy(model)
@@ -99,8 +108,8 @@ def _finetune(model: nn.Module, config: Any, task: Task) -> StageResult:
 def _register_finetune() -> None:
     from .train import TrainConfig
 
-    _finetune.trains_in_place = True  # type: ignore[attr-defined]
-    STAGES.setdefault(TrainConfig, _finetune)
+    if TrainConfig not in STAGES:
+        register_stage(TrainConfig, copy_input=False)(_finetune)  # training: in place
 
 
 _register_finetune()

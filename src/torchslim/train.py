@@ -138,20 +138,25 @@ def _num(value: Any, name: str, low: float, high: float, low_open: bool = False)
     return True
 
 
-def _kwargs(kwargs: Any, name: str, cls: type, skip: tuple[str, ...]) -> None:
-    """kwargs must be names of cls's constructor, with finite numbers (no nan/inf)."""
+def check_ctor_kwargs(kwargs: Any, field: str, cls: type, skip: tuple[str, ...]) -> None:
+    """kwargs (the config field ``field``, e.g. "TrainConfig.optimizer_kwargs") must be names of
+    cls's constructor, with finite numbers (no nan/inf) of at most 1e12 in size."""
     import inspect
 
-    check(isinstance(kwargs, dict), f"TrainConfig.{name}", f"must be a mapping, got {type(kwargs).__name__}")
+    check(isinstance(kwargs, dict), field, f"must be a mapping, got {type(kwargs).__name__}")
     params = inspect.signature(cls).parameters
     known = [p for p in params if p not in skip and params[p].kind is not inspect.Parameter.VAR_KEYWORD]
     for key, value in kwargs.items():
-        check(key in known, f"TrainConfig.{name}.{key}", f"{cls.__name__} takes no {key!r}; it takes {', '.join(known)}")
+        check(key in known, f"{field}.{key}", f"{cls.__name__} takes no {key!r}; it takes {', '.join(known)}")
         values = value if isinstance(value, (list, tuple)) else [value]
         for v in values:
             bad = isinstance(v, float) and not math.isfinite(v)
-            check(not bad and (not isinstance(v, (int, float)) or abs(v) <= 1e12), f"TrainConfig.{name}.{key}",
+            check(not bad and (not isinstance(v, (int, float)) or abs(v) <= 1e12), f"{field}.{key}",
                   f"must be finite and at most 1e12 in size, got {value!r}")
+
+
+def _kwargs(kwargs: Any, name: str, cls: type, skip: tuple[str, ...]) -> None:
+    check_ctor_kwargs(kwargs, f"TrainConfig.{name}", cls, skip)
 
 
 def _device(device: Any) -> None:

@@ -81,7 +81,7 @@ def _logits(model: nn.Module, task: Task, split: str) -> torch.Tensor:
     return out
 
 
-@register_stage(CascadeConfig)
+@register_stage(CascadeConfig, copy_input=False)  # cascade copies both models
 def cascade(model: nn.Module, cfg: CascadeConfig, task: Task) -> StageResult:
     """model is the large one; returns a calibrated CascadeModel (copies of both)."""
     if task.val is None:

@@ -201,7 +201,7 @@ def set_threshold(ee: EarlyExitModel, threshold: float) -> None:
     ee.thresholds.fill_(float(threshold))
 
 
-@register_stage(ExitConfig)
+@register_stage(ExitConfig, copy_input=False)  # builds on a copy of the backbone
 def early_exit(model: nn.Module, cfg: ExitConfig, task: Task) -> StageResult:
     """Exits on a copy of model, trained and calibrated on task; the input model is untouched."""
     if task.val is None:

@@ -80,7 +80,11 @@ def stamp_onnx_bytes(data: bytes) -> bytes:
     """The ONNX model in ``data`` with its checksum in ``metadata_props`` (replacing an old one)."""
     import onnx
 
-    model = onnx.load_from_string(data)
+    return stamp_onnx_model(onnx.load_from_string(data)).SerializeToString(deterministic=True)
+
+
+def stamp_onnx_model(model):
+    """Put the checksum (and torchslim as producer) into an ONNX ModelProto, in place; returns it."""
     for prop in [p for p in model.metadata_props if p.key in (ONNX_KEY, PRODUCER_KEY)]:
         model.metadata_props.remove(prop)
     # the checksum is serialized last (metadata_props is field 14, after the graph): a file cut
@@ -90,7 +94,7 @@ def stamp_onnx_bytes(data: bytes) -> bytes:
         model.metadata_props.add(key=PRODUCER_KEY, value=f"{model.producer_name} {model.producer_version}".strip())
     model.producer_name = PRODUCER
     model.metadata_props.add(key=ONNX_KEY, value=onnx_digest(model))
-    return model.SerializeToString(deterministic=True)
+    return model
 
 
 def onnx_damage(model) -> str | None:

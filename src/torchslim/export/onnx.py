@@ -14,6 +14,7 @@ default) is available, and ``"auto"`` tries dynamo first and falls back to Torch
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import tempfile
@@ -29,7 +30,7 @@ from torch import nn
 from ..bounds import bounded, check_bounds
 from ..errors import ExportError, check
 from ..utils import atomic_write
-from .digest import stamp_onnx_bytes
+from .digest import stamp_onnx_bytes, stamp_onnx_model
 from .outputs import OutputSpec, flatten, output_spec
 
 EXPORTERS = ("torchscript", "dynamo", "auto")
@@ -157,10 +158,11 @@ def _export_one(wrapped, args, names, dims, path: Path, opset: int, exporter: st
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings of HF models are about constant shapes
-            torch.onnx.export(wrapped, args, str(path), input_names=names, output_names=outs,
+            buf = io.BytesIO()  # exported to memory, stamped, written once
+            torch.onnx.export(wrapped, args, buf, input_names=names, output_names=outs,
                               dynamic_axes={**dims, **{o: {0: "batch"} for o in outs}} if dims else None,
                               opset_version=opset, dynamo=False, do_constant_folding=True)
-        path.write_bytes(stamp_onnx_bytes(path.read_bytes()))
+        path.write_bytes(stamp_onnx_bytes(buf.getvalue()))
         return
     shapes = tuple({i: torch.export.Dim.AUTO for i in d} or None for d in dims.values())
     program = torch.onnx.export(wrapped, args, input_names=names, output_names=outs,
@@ -168,8 +170,7 @@ def _export_one(wrapped, args, names, dims, path: Path, opset: int, exporter: st
                                 dynamo=True, verbose=False)
     import onnx
 
-    onnx.save_model(program.model_proto, str(path), save_as_external_data=False)
-    path.write_bytes(stamp_onnx_bytes(path.read_bytes()))
+    onnx.save_model(stamp_onnx_model(program.model_proto), str(path), save_as_external_data=False)
 
 
 def _unsupported(exc: Exception) -> str:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import WeightsError
-from .weights import read_state_dict
+from .weights import check_keys, read_state_dict
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -88,12 +88,7 @@ def load(path: str | Path, model: nn.Module) -> nn.Module:
     or a layer of another shape cannot be resized."""
     state = read_state_dict(path)
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
-        raise WeightsError(f"weights file {str(path)!r} does not match the model: {what} "
-                           f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
+    check_keys(state, own, path)
     changed: dict[str, dict[str, torch.Size]] = {}
     for key, value in state.items():
         if own[key].shape != value.shape:

@@ -157,10 +157,8 @@ def _torch_load(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a state dict into model; WeightsError naming the first mismatch."""
-    state = read_state_dict(path)
-    own = model.state_dict()
+def check_keys(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], path: str | Path) -> None:
+    """WeightsError (one line) when the file's keys are not the model's."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
@@ -169,6 +167,13 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
             f"weights file {str(path)!r} does not match the model: {what} "
             f"({len(missing)} missing, {len(unexpected)} unexpected keys)"
         )
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a state dict into model; WeightsError naming the first mismatch."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    check_keys(state, own, path)
     for k, v in state.items():
         if own[k].shape != v.shape:
             raise WeightsError(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -11,21 +9,14 @@ import torch
 
 from ..bounds import bounded, check_bounds, count, fraction, seed_field
 from ..errors import check
+from ..train import check_ctor_kwargs
 
 DETECTORS = ("adwin", "page_hinkley", None)
 MAX_BATCHES = 10**9
 
 
 def _kwargs(kwargs: Any, name: str, cls: type, skip: tuple[str, ...]) -> None:
-    check(isinstance(kwargs, dict), f"OnlineConfig.{name}", f"must be a mapping, got {type(kwargs).__name__}")
-    params = inspect.signature(cls).parameters
-    known = [p for p in params if p not in skip and params[p].kind is not inspect.Parameter.VAR_KEYWORD]
-    for key, value in kwargs.items():
-        check(key in known, f"OnlineConfig.{name}.{key}", f"{cls.__name__} takes no {key!r}; it takes {', '.join(known)}")
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            bad = isinstance(v, float) and not math.isfinite(v)
-            check(not bad and (not isinstance(v, (int, float)) or abs(v) <= 1e12), f"OnlineConfig.{name}.{key}",
-                  f"must be finite and at most 1e12 in size, got {value!r}")
+    check_ctor_kwargs(kwargs, f"OnlineConfig.{name}", cls, skip)
 
 
 @dataclass

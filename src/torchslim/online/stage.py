@@ -18,7 +18,7 @@ from .loop import online
 from .stream import TaskStream
 
 
-@register_stage(OnlineConfig)
+@register_stage(OnlineConfig, copy_input=False)  # online learning is training: in place
 def apply(model: nn.Module, cfg: OnlineConfig, task: Task) -> StageResult:
     check(task is not None and task.train is not None, "OnlineConfig", "the online stage needs a task with a train split")
     result = online(model, TaskStream(task, "train", seed=cfg.seed), cfg, loss=task.loss)
@@ -26,5 +26,3 @@ def apply(model: nn.Module, cfg: OnlineConfig, task: Task) -> StageResult:
     info.pop("fingerprint_before"), info.pop("fingerprint_after")
     return StageResult(model, {"online": info})
 
-
-apply.trains_in_place = True  # type: ignore[attr-defined]  # online learning is training: in place (stage.apply_stage)

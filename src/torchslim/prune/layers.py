@@ -200,7 +200,7 @@ def drop_layers(model: nn.Module, cfg: LayerDropConfig, task: Task) -> tuple[nn.
     return model, info
 
 
-@register_stage(LayerDropConfig)
+@register_stage(LayerDropConfig, copy_input=False)  # drop_layers works on its own copy
 def apply(model: nn.Module, cfg: LayerDropConfig, task: Task) -> StageResult:
     """Stage entry point: a copy with whole blocks replaced by identities."""
     dropped, info = drop_layers(model, cfg, task)

@@ -299,7 +299,7 @@ def prune_structured(model: nn.Module, cfg: StructuredPruneConfig, task: Task) -
     return model, info
 
 
-@register_stage(StructuredPruneConfig)
+@register_stage(StructuredPruneConfig, copy_input=False)  # prune_structured copies first
 def apply(model: nn.Module, cfg: StructuredPruneConfig, task: Task) -> StageResult:
     """Stage entry point: a new, physically smaller model (the input model is not modified)."""
     pruned, info = prune_structured(model, cfg, task)

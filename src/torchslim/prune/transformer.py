@@ -241,7 +241,7 @@ def prune_transformer(model: nn.Module, cfg: TransformerPruneConfig, task: Task)
     return model, info
 
 
-@register_stage(TransformerPruneConfig)
+@register_stage(TransformerPruneConfig, copy_input=False)  # prunes its own copy
 def apply(model: nn.Module, cfg: TransformerPruneConfig, task: Task) -> StageResult:
     """Stage entry point: a physically smaller copy (the input model is not modified)."""
     pruned, info = prune_transformer(model, cfg, task)

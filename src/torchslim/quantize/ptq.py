@@ -246,7 +246,7 @@ def _backend(cfg: QuantConfig) -> tuple[Any, str | None]:
     return fn, None
 
 
-@register_stage(QuantConfig)
+@register_stage(QuantConfig, copy_input=False)  # simulate quantizes its own copy
 def apply(model: nn.Module, cfg: QuantConfig, task: Task) -> StageResult:
     """Quantize model for task: simulated, then converted by the configured backend."""
     validate_for_model(cfg, model, task)
