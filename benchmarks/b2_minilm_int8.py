@@ -97,7 +97,7 @@ def _candidates(model, task, threads):
     out.update(ov_peers)
     if os.environ.get("B2_MIXED"):
         cfg = QuantConfig(mode="dynamic", granularity="per_channel", min_metric=MIN_COSINE_VAL,
-                          calibration_batches=4, backend="onnxruntime")
+                          batches=4, backend="onnxruntime")
         res, s = _timed(lambda: ptq.apply(model, cfg, task))
         floats = [d["layer"] for d in res.info["plan"] if d["bits"] == "float"]
         out["torchslim_mixed_per_channel"] = (res.model, s, res.model.file_bytes, f"plan keeps {len(floats)} layers float: {floats}")

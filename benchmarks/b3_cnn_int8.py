@@ -131,7 +131,7 @@ def run(quick: bool = False) -> dict:
 # --- QAT vs PTQ at 4-bit weights (issue 4: "QAT at 4-bit weights loses less than PTQ at 4-bit") ---
 # Both use the same scheme: W4 symmetric (per-tensor = the hardest honest setting, and
 # per-channel), 8-bit static activations calibrated the same way, simulated (fake-quant).
-# QAT = that PTQ model fine-tuned with ``qat_epochs`` (STE; and LSQ learnable scales).
+# QAT = that PTQ model fine-tuned with ``finetune`` (STE; and LSQ learnable scales).
 # Control: the fp32 model fine-tuned with the very same TrainConfig, so that a QAT "gain" that
 # is only extra training shows up as such (``qat_drop_vs_fp32_finetuned_pt``).
 QAT_SEEDS = (0, 1, 2)
@@ -170,7 +170,11 @@ def _qat_one_seed(setup, seed, quick):
     model = build_model(setup["model"], task)
     fit(model, task, dataclasses.replace(setup["train"], seed=seed))
     fp32 = task.evaluate(model.eval())
-    budget = {"qat_epochs": QAT_EPOCHS, "qat_lr": QAT_LR, "qat_steps": 3 if quick else None}
+    # the QAT budget (before issue 11: qat_epochs / qat_lr / qat_steps, optimizer Adam, seed = the config's)
+    from torchslim.train import TrainConfig
+
+    budget = {"finetune": TrainConfig(epochs=QAT_EPOCHS, max_steps=3 if quick else None, lr=QAT_LR, optimizer="Adam",
+                                      seed=seed)}
     control = copy.deepcopy(model)  # fp32 + the same fine-tuning budget as QAT
     fit(control, task, qat.qat_train_config(QuantConfig(**budget, seed=seed)))
     row = {"seed": seed, "test_size": len(task.test.dataset), "fp32_acc": fp32,

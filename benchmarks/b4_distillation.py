@@ -135,7 +135,7 @@ def scarce_labels(task, teacher: nn.Module, seeds: list[int], steps: int, extra:
             fit(s, alone_task, _steps_cfg(n, alone_task.train, seed))
             out[key].append(task.evaluate(s))
         s = _student(task, seed)
-        cfg = DistillConfig(teacher=teacher, temperature=TEMPERATURE, alpha=ALPHA, train=_steps_cfg(steps, kd_task.train, seed))
+        cfg = DistillConfig(teacher=teacher, temperature=TEMPERATURE, alpha=ALPHA, finetune=_steps_cfg(steps, kd_task.train, seed))
         out["steps_distilled"] = distill(s, cfg, kd_task).info["fit"]["steps"]
         out["distilled"].append(task.evaluate(s))
         out["labeled"], out["transfer_inputs"] = len(keep), len(kd_task.train.dataset)
@@ -153,7 +153,7 @@ def full_labels(task, teacher: nn.Module, seeds: list[int], epochs: int) -> dict
         fit(s, task, _train_cfg(epochs, seed))
         alone.append(task.evaluate(s))
         s = _student(task, seed)
-        s = distill(s, DistillConfig(teacher=teacher, temperature=TEMPERATURE, alpha=ALPHA, train=_train_cfg(epochs, seed)), task).model
+        s = distill(s, DistillConfig(teacher=teacher, temperature=TEMPERATURE, alpha=ALPHA, finetune=_train_cfg(epochs, seed)), task).model
         distilled.append(task.evaluate(s))
         print(f"  full labels seed {seed}: alone {alone[-1]:.4f} distilled {distilled[-1]:.4f}", flush=True)
     return {"student_alone_acc": alone, "student_distilled_acc": distilled, "alone_mean": statistics.mean(alone),
@@ -175,7 +175,7 @@ def recovery(task, teacher: nn.Module, seeds: list[int], epochs: int) -> dict[st
         fit(m, task, _train_cfg(epochs, seed))
         out["finetune"].append(task.evaluate(m))
         m = copy.deepcopy(pruned)
-        m = distill(m, DistillConfig(teacher=teacher, temperature=TEMPERATURE, alpha=ALPHA, train=_train_cfg(epochs, seed)), task).model
+        m = distill(m, DistillConfig(teacher=teacher, temperature=TEMPERATURE, alpha=ALPHA, finetune=_train_cfg(epochs, seed)), task).model
         out["distill"].append(task.evaluate(m))
         print(f"  recovery seed {seed}: finetune {out['finetune'][-1]:.4f} distill {out['distill'][-1]:.4f}", flush=True)
     out["finetune_mean"] = statistics.mean(out["finetune"])
@@ -190,7 +190,7 @@ def lowrank_latency(repeats: int) -> dict[str, Any]:
     dense = nn.Sequential(nn.Linear(1024, 1024)).eval()
     x = torch.randn(64, 1024)
     low = copy.deepcopy(dense)
-    rec = factorize_layers(low, LowRankConfig(ratio=0.5), x)[0]
+    rec = factorize_layers(low, LowRankConfig(params_keep=0.5), x)[0]
     with torch.inference_mode():
         rel_out_err = ((low(x) - dense(x)).norm() / dense(x).norm()).item()
     lat = compare_latency({"dense": lambda: dense(x), "lowrank": lambda: low(x)}, warmup=5, repeats=repeats, threads=1)

@@ -147,11 +147,11 @@ def main(smoke: bool = False) -> list[dict[str, Any]]:
     rows.append(row("fine-tuned (unfrozen)", model, task))
     teacher = copy.deepcopy(model).eval()
     # 3. compress: the FFN Linears to half their MACs by truncated SVD
-    res = apply_stage(model, LowRankConfig(ratio=0.5, layers=ffn_layers(model)), task)
+    res = apply_stage(model, LowRankConfig(params_keep=0.5, layers=ffn_layers(model)), task)
     rows.append(row("low-rank FFNs (no training)", res.model, task))
     # 4. recover by distillation from the uncompressed fine-tuned model
     cfg = DistillConfig(teacher=teacher, temperature=2.0, alpha=0.7,
-                        train=TrainConfig(epochs=1 if smoke else 2, lr=5e-5, optimizer="AdamW", **steps))
+                        finetune=TrainConfig(epochs=1 if smoke else 2, lr=5e-5, optimizer="AdamW", **steps))
     res = apply_stage(res.model, cfg, task)
     rows.append(row("low-rank + distilled", res.model, task))
     return rows

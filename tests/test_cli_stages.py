@@ -24,6 +24,18 @@ def test_one_stage_shows_fields_defaults_ranges_docs():
     assert quant["bits"]["range"] == "[2, 8]" and "activations" in quant["bits"]["doc"]
 
 
+def test_types_read_as_written(capsys, monkeypatch):
+    """The contract's constraints (strict, finite, bounds) are not shown as types, and rich
+    does not eat ``[...]`` as markup (before: ``dict[str, float] | None`` printed ``Optional[dict]``)."""
+    rows = {r["field"]: r for r in describe("prune")}
+    assert rows["per_layer"]["type"] == "dict[str, float] | None"
+    assert rows["layers"]["type"] == "LayerSelection" and rows["finetune"]["type"] == "TrainConfig | None"
+    assert rows["threshold"]["type"] == "float | None" and rows["threshold"]["range"] == "[0, 1e+09] or null"
+    monkeypatch.setenv("COLUMNS", "200")
+    assert cli.main(["stages", "quantize"]) == 0
+    assert "dict[str, int | None]" in capsys.readouterr().out
+
+
 def test_unknown_stage_is_one_line(capsys):
     assert cli.main(["stages", "banana"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -39,10 +39,10 @@ FIRST = {
 }
 LATER = {
     "train": lambda teacher: STEPS,
-    "qat": lambda teacher: QuantConfig(mode="weights_only", qat_steps=4, qat_lr=1e-2),
+    "qat": lambda teacher: QuantConfig(mode="weights_only", finetune=TrainConfig(epochs=100, max_steps=4, lr=1e-2)),
     "share": lambda teacher: ShareConfig(bits=4, finetune=STEPS),
-    "distill": lambda teacher: DistillConfig(teacher=teacher, train=STEPS),
-    "lowrank": lambda teacher: LowRankConfig(ratio=0.5, min_saved_macs=0, finetune=STEPS),
+    "distill": lambda teacher: DistillConfig(teacher=teacher, finetune=STEPS),
+    "lowrank": lambda teacher: LowRankConfig(params_keep=0.5, min_saved_macs=0, finetune=STEPS),
     "structured": lambda teacher: StructuredPruneConfig(macs_keep=0.8, finetune=STEPS),
     "prune": lambda teacher: PruneConfig(sparsity=0.3, finetune=STEPS),
 }
@@ -134,9 +134,9 @@ def test_one_in_place_rule(base):
     model, task = copy.deepcopy(base[0]), base[1]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for cfg in (PruneConfig(sparsity=0.5), NMConfig(), ShareConfig(bits=3), StructuredPruneConfig(macs_keep=0.6),
-                LowRankConfig(ratio=0.5, min_saved_macs=0), QuantConfig(mode="weights_only"),
-                DistillConfig(teacher=copy.deepcopy(model), train=STEPS), LayerDropConfig(count=1),
-                ExitConfig(include=("net.2",), finetune=STEPS)):
+                LowRankConfig(params_keep=0.5, min_saved_macs=0), QuantConfig(mode="weights_only"),
+                DistillConfig(teacher=copy.deepcopy(model), finetune=STEPS), LayerDropConfig(count=1),
+                ExitConfig(layers=["net.2"], finetune=STEPS)):
         out = apply_stage(model, cfg, task).model
         assert out is not model, type(cfg).__name__
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), type(cfg).__name__

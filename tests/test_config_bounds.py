@@ -20,7 +20,7 @@ load_techniques()
 # the smallest valid construction of configs that need one field set
 BASE = {
     "StructuredPruneConfig": {},
-    "LowRankConfig": {"ratio": 0.5},
+    "LowRankConfig": {"params_keep": 0.5},
     "LayerDropConfig": {"count": 1},
     "RecoveryConfig": {"method": "random"},
     "CascadeConfig": {"small": "torchslim.zoo:build_model"},
@@ -77,7 +77,7 @@ def test_numeric_field_bounded_on_both_sides(cls, name):
 def test_declared_range_message_names_field_and_range():
     from torchslim.quantize import QuantConfig
 
-    assert range_of(QuantConfig, "qat_epochs") is not None
+    assert range_of(QuantConfig, "batches") is not None
     with pytest.raises(ConfigError) as err:
-        QuantConfig(qat_epochs=10**9)
-    assert str(err.value) == "QuantConfig.qat_epochs: must be an integer in [0, 100000], got 1000000000"
+        QuantConfig(batches=10**9)
+    assert str(err.value) == "QuantConfig.batches: must be an integer in [1, 100000], got 1000000000"

@@ -120,7 +120,7 @@ def test_unlabeled_mode_never_reads_targets_and_moves_student_to_teacher():
     task, teacher, student = _task(labeled=False), _mlp(32, 0), _mlp(8, 1)
     x, _ = next(iter(task.test))
     gap_before = kd_loss(student(x), teacher(x), 1.0).item()
-    cfg = DistillConfig(teacher=teacher, unlabeled=True, temperature=2.0, train=TrainConfig(epochs=20, lr=1e-2, device="cpu"))
+    cfg = DistillConfig(teacher=teacher, unlabeled=True, temperature=2.0, finetune=TrainConfig(epochs=20, lr=1e-2, device="cpu"))
     res = apply_stage(student, cfg, task)  # through the stage registry
     with torch.no_grad():
         gap_after = kd_loss(res.model(x), teacher(x), 1.0).item()
@@ -133,7 +133,7 @@ def test_apply_leaves_the_teacher_untouched_and_records_metrics():
     task, teacher, student = _task(), _mlp(32, 0), _mlp(8, 1)
     fit(teacher, task, TrainConfig(epochs=10, lr=1e-2, device="cpu"))
     t_state = copy.deepcopy(teacher.state_dict())
-    res = apply_stage(student, DistillConfig(teacher=teacher, train=TrainConfig(epochs=10, lr=1e-2, device="cpu")), task)
+    res = apply_stage(student, DistillConfig(teacher=teacher, finetune=TrainConfig(epochs=10, lr=1e-2, device="cpu")), task)
     assert all(torch.equal(t_state[k], v) for k, v in teacher.state_dict().items())
     assert res.info["student_metric_after"] > res.info["student_metric_before"]
     assert res.info["teacher_metric"] == pytest.approx(task.evaluate(teacher))
@@ -145,8 +145,9 @@ def test_apply_leaves_the_teacher_untouched_and_records_metrics():
     ({"alpha": 1.5}, "DistillConfig.alpha"),
     ({"alpha": -0.1}, "DistillConfig.alpha"),
     ({"teacher": 3}, "DistillConfig.teacher"),
-    ({"features": {"a": 1}}, "DistillConfig.features"),
-    ({"train": {"epochs": 1}}, "DistillConfig.train"),
+    ({"features": {"a": 1}}, "DistillConfig.features.a"),
+    ({"finetune": {"epochs": -1}}, "DistillConfig.finetune.epochs"),
+    ({"finetune": None}, "DistillConfig.finetune"),
 ])
 def test_bad_configs_one_line(kwargs, field):
     with pytest.raises(ConfigError) as e:
@@ -198,7 +199,7 @@ def test_recovery_after_unstructured_pruning_keeps_pruned_weights_zero():
     pruned = apply_stage(copy.deepcopy(teacher), prune.PruneConfig(sparsity=0.7), task).model
     zeros = {n: (p == 0) for n, p in pruned.named_parameters() if p.dim() == 2}
     assert sum(z.sum().item() for z in zeros.values()) > 0
-    res = apply_stage(pruned, DistillConfig(teacher=teacher, train=TrainConfig(epochs=5, lr=1e-2, device="cpu")), task)
+    res = apply_stage(pruned, DistillConfig(teacher=teacher, finetune=TrainConfig(epochs=5, lr=1e-2, device="cpu")), task)
     for n, p in res.model.named_parameters():
         if n in zeros:
             assert (p[zeros[n]] == 0).all(), n

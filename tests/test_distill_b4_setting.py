@@ -83,6 +83,6 @@ def test_distillation_runs_on_batches_without_labels():
     teacher = build_model("mlp", task, hidden=(16,))
     student = build_model("mlp", task, hidden=(8,))
     cfg = DistillConfig(teacher=teacher, temperature=2.0, alpha=0.9,
-                        train=TrainConfig(epochs=1, max_steps=12, lr=1e-2, seed=0, device="cpu"))
+                        finetune=TrainConfig(epochs=1, max_steps=12, lr=1e-2, seed=0, device="cpu"))
     fit = distill(student, cfg, kd).info["fit"]
     assert fit["steps"] == 12 and np.isfinite(fit["history"][0]["train_loss"])

@@ -29,7 +29,7 @@ def test_linear_half_macs_error_equals_tail_energy():
     model = nn.Sequential(nn.Linear(96, 128))
     w = model[0].weight.detach().double().clone()
     dense = copy.deepcopy(model)
-    recs = factorize_layers(model, LowRankConfig(min_saved_macs=0, ratio=0.5), torch.randn(2, 96))
+    recs = factorize_layers(model, LowRankConfig(min_saved_macs=0, params_keep=0.5), torch.randn(2, 96))
     r = recs[0]["rank"]
     assert r == (96 * 128 // 2) // (96 + 128) == 27
     sigma = np.linalg.svd(w.numpy(), compute_uv=False)  # peer library for the singular values
@@ -103,7 +103,7 @@ def test_mlp_on_digits_half_macs_layer_within_one_point_after_finetune():
     assert dense_acc > 0.93
     # the accuracy of the factorization is under test, not its speed (min_saved_macs 0: at this
     # size the pair is not worth it in eager; the speed tests below cover that rule)
-    cfg = LowRankConfig(ratio=0.5, layers=["net.1"], min_saved_macs=0, finetune=TrainConfig(epochs=2, lr=1e-4, seed=0))
+    cfg = LowRankConfig(params_keep=0.5, layers=["net.1"], min_saved_macs=0, finetune=TrainConfig(epochs=2, lr=1e-4, seed=0))
     res = apply_stage(model, cfg, task)  # through the stage registry
     rec = res.info["layers"][0]
     assert rec["applied"] and rec["macs_after"] <= 0.5 * rec["macs_before"]
@@ -116,11 +116,11 @@ def test_mlp_on_digits_half_macs_layer_within_one_point_after_finetune():
 
 @pytest.mark.parametrize("kwargs,field", [
     ({"energy": 0.0}, "LowRankConfig.energy"),
-    ({"ratio": 1.5}, "LowRankConfig.ratio"),
+    ({"params_keep": 1.5}, "LowRankConfig.params_keep"),
     ({"rank": 0}, "LowRankConfig.rank"),
-    ({"energy": 0.9, "ratio": 0.5}, "LowRankConfig"),
+    ({"energy": 0.9, "params_keep": 0.5}, "LowRankConfig"),
     ({}, "LowRankConfig"),
-    ({"ratio": 0.5, "min_mac_saving": 1.0}, "LowRankConfig.min_mac_saving"),
+    ({"params_keep": 0.5, "min_mac_saving": 1.0}, "LowRankConfig.min_mac_saving"),
 ])
 def test_bad_configs_one_line(kwargs, field):
     with pytest.raises(ConfigError) as e:
@@ -185,7 +185,7 @@ def test_speed_check_reverts_a_pair_measured_slower(monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
     ref = copy.deepcopy(model)
-    res = apply_stage(model, LowRankConfig(ratio=0.3, layers=["0"], speed_batch=32, speed_check=True, min_saved_macs=0), _tiny_task(64))
+    res = apply_stage(model, LowRankConfig(params_keep=0.3, layers=["0"], speed_batch=32, speed_check=True, min_saved_macs=0), _tiny_task(64))
     rec = res.info["layers"][0]
     assert seen == [("Linear", (32, 64), 0.05)]  # timed on the input the layer sees in a real batch
     assert not rec["applied"] and rec["reason"].startswith("not faster: measured 9 us")
@@ -196,11 +196,11 @@ def test_speed_check_reverts_a_pair_measured_slower(monkeypatch):
 def test_small_layers_are_kept_whole_by_the_mac_rule():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
-    res = apply_stage(model, LowRankConfig(ratio=0.3, layers=["0"]), _tiny_task(64))
+    res = apply_stage(model, LowRankConfig(params_keep=0.3, layers=["0"]), _tiny_task(64))
     rec = res.info["layers"][0]
     # rank floor(0.3*64*64/128) = 9: saves 64*64 - 9*128 = 2,944 MACs per sample, x32 = 94,208
     assert rec["rank"] == 9 and not rec["applied"]
     assert rec["reason"] == "saves 94,208 MACs per call at batch 32 < min_saved_macs 2,000,000"
     assert isinstance(res.model[0], nn.Linear)
-    big = apply_stage(copy.deepcopy(model), LowRankConfig(ratio=0.3, layers=["0"], speed_batch=1024), _tiny_task(64))
+    big = apply_stage(copy.deepcopy(model), LowRankConfig(params_keep=0.3, layers=["0"], speed_batch=1024), _tiny_task(64))
     assert big.info["layers"][0]["applied"]  # 2,944 x 1024 = 3.0M >= 2M

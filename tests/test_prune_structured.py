@@ -106,7 +106,7 @@ def test_criteria_and_allocations_hit_target(criterion, allocation):
 
 def test_ignore_keeps_layer_and_rounding():
     model, task = rescnn1d((40,), width=32, blocks=1), _task(40)
-    res = apply(model, StructuredPruneConfig(macs_keep=0.5, ignore=("layers.0.conv1",), round_to=8), task)
+    res = apply(model, StructuredPruneConfig(macs_keep=0.5, layers={"exclude": ["layers.0.conv1"]}, round_to=8), task)
     assert res.model.layers[0].conv1.out_channels == 32
     assert all(rec["out_after"] % 8 == 0 or rec["out_after"] == 10 for rec in res.info["layers"].values())
 
@@ -166,7 +166,9 @@ def test_bad_configs_fail_fast(kwargs, field):
 
 def test_bad_selection_fails_before_work():
     task = _task(64)
-    with pytest.raises(ConfigError, match="no module named"):
-        apply(lenet300((64,)), StructuredPruneConfig(ignore=("net.99",)), task)
+    with pytest.raises(ConfigError, match=r"^StructuredPruneConfig.layers.exclude: no module matches \['net.99'\]"):
+        apply(lenet300((64,)), StructuredPruneConfig(layers={"exclude": ["net.99"]}), task)
+    with pytest.raises(ConfigError, match=r"^StructuredPruneConfig.ignore: renamed — write layers: \{exclude: \[...\]\}"):
+        StructuredPruneConfig(ignore=("net.1",))
     with pytest.raises(ConfigError, match="no prunable layer"):
-        apply(lenet300((64,)), StructuredPruneConfig(ignore=("net.1", "net.3")), task)
+        apply(lenet300((64,)), StructuredPruneConfig(layers={"exclude": ["net.1", "net.3"]}), task)

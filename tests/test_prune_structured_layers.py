@@ -136,7 +136,7 @@ def _sig_task() -> Task:
 def test_remove_named_block_and_refuse_shape_change():
     torch.manual_seed(0)
     model, task = rescnn1d((40,), width=8).eval(), _sig_task()
-    res = drop_apply(model, LayerDropConfig(layers=("layers.2",)), task)
+    res = drop_apply(model, LayerDropConfig(drop=("layers.2",)), task)
     assert isinstance(res.model.layers[2], Bypass) and res.info["removed"] == ["layers.2"]
     x = torch.randn(3, 40)
     with torch.no_grad():  # the result equals running the model with block 2 skipped by hand
@@ -146,9 +146,9 @@ def test_remove_named_block_and_refuse_shape_change():
         assert torch.allclose(res.model(x), ref, atol=1e-6)
     assert res.info["params_before"] - res.info["params_after"] == sum(p.numel() for p in model.layers[2].parameters())
     with pytest.raises(ConfigError, match=r"cannot remove 'layers.1': its input \(2, 8, 40\) and output \(2, 8, 20\) differ"):
-        drop_apply(model, LayerDropConfig(layers=("layers.1",)), task)
+        drop_apply(model, LayerDropConfig(drop=("layers.1",)), task)
     with pytest.raises(ConfigError, match="no module named 'layers.9'"):
-        drop_apply(model, LayerDropConfig(layers=("layers.9",)), task)
+        drop_apply(model, LayerDropConfig(drop=("layers.9",)), task)
 
 
 def test_remove_least_important_by_output_change():
@@ -157,7 +157,7 @@ def test_remove_least_important_by_output_change():
     with torch.no_grad():  # make block 3 nearly a no-op: it becomes the obvious one to drop
         model.layers[3].bn2.weight.mul_(1e-3)
         model.layers[3].bn2.bias.zero_()
-    cfg = LayerDropConfig(count=1, candidates=("layers.0", "layers.2", "layers.3"), criterion="output", batches=1)
+    cfg = LayerDropConfig(count=1, layers=["layers.0", "layers.2", "layers.3"], criterion="output", batches=1)
     res = drop_apply(model, cfg, task)
     assert res.info["removed"] == ["layers.3"]
     # the recorded importance is the relative output change when bypassed, recomputed here
@@ -167,15 +167,19 @@ def test_remove_least_important_by_output_change():
     with torch.no_grad():
         a, b = model(x), trial(x)
     assert res.info["importance"]["layers.0"] == pytest.approx(float((b - a).norm() / a.norm()), rel=1e-4)
-    metric = drop_apply(model, LayerDropConfig(count=1, candidates=("layers.0", "layers.3"), criterion="metric"), task)
+    metric = drop_apply(model, LayerDropConfig(count=1, layers=["layers.[03]"], criterion="metric"), task)
     assert set(metric.info["importance"]) == {"layers.0", "layers.3"}
 
 
 def test_layer_drop_bad_configs():
-    with pytest.raises(ConfigError, match="LayerDropConfig.layers"):
+    with pytest.raises(ConfigError, match="LayerDropConfig.drop: give either drop"):
         LayerDropConfig()
+    with pytest.raises(ConfigError, match="LayerDropConfig.drop: give either drop"):
+        LayerDropConfig(layers=["layers.2"])  # the old spelling of drop is refused, not taken as candidates
+    with pytest.raises(ConfigError, match=r"^LayerDropConfig.candidates: renamed — write layers: \[...\]"):
+        LayerDropConfig(count=1, candidates=("layers.0",))
     with pytest.raises(ConfigError, match="LayerDropConfig.criterion"):
         LayerDropConfig(count=1, criterion="x")
     model, task = rescnn1d((40,), width=8).eval(), _sig_task()
     with pytest.raises(ConfigError, match="only 2 shape-preserving"):
-        drop_apply(model, LayerDropConfig(count=3, candidates=("layers.0", "layers.1", "layers.2")), task)
+        drop_apply(model, LayerDropConfig(count=3, layers=["layers.0", "layers.1", "layers.2"]), task)

@@ -99,7 +99,7 @@ def test_criteria_match_hand_computation(trained, task):
 
 def test_taylor_pruning_keeps_highest_taylor_scores(trained, task):
     model = copy.deepcopy(trained)
-    apply(model, PruneConfig(sparsity=0.5, criterion="taylor", taylor_batches=2), task)
+    apply(model, PruneConfig(sparsity=0.5, criterion="taylor", batches=2), task)
     assert weight_sparsity(model) == pytest.approx(0.5, abs=1e-3)
     # what was kept is what Taylor importance |w * dL/dw| ranks high (scored here on the dense
     # model over 8 training batches, so not the exact batches the stage used): kept weights
@@ -230,7 +230,7 @@ def test_sensitivity_and_allocation(trained, task):
     assert len(table) == 6 and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     row = next(r for r in table if r["layer"] == "net.1.weight" and r["sparsity"] == 0.9)
     ref = copy.deepcopy(model)
-    apply(ref, PruneConfig(sparsity=0.9, include=("net.1",)), task)
+    apply(ref, PruneConfig(sparsity=0.9, layers=["net.1"]), task)
     assert row["metric"] == pytest.approx(task.evaluate(ref, "val"))
     alloc = allocate(table, 0.7)
     numel = {r["layer"]: r["numel"] for r in table}
@@ -273,7 +273,7 @@ class Odd(nn.Module):
 
 def test_unhandled_layers_are_named_and_rest_is_pruned(task):
     model = Odd()
-    with pytest.warns(UserWarning, match=r"<root> \(Odd: not in layer_types\), emb \(tied weight\), head \(tied weight\), rnn \(GRU"):
+    with pytest.warns(UserWarning, match=r"<root> \(Odd: not in layers.types\), emb \(tied weight\), head \(tied weight\), rnn \(GRU"):
         res = apply(model, PruneConfig(sparsity=0.5), task)
     assert [r["layer"] for r in res.info["layers"]] == ["fc.weight"]
     assert res.info["layers"][0]["sparsity"] == pytest.approx(0.5)
@@ -288,7 +288,12 @@ def test_unhandled_layers_are_named_and_rest_is_pruned(task):
     ({"scope": "everything"}, "PruneConfig.scope"),
     ({"schedule": "gradual"}, "PruneConfig.finetune"),
     ({"schedule": "l1", "finetune": TrainConfig(epochs=1)}, "PruneConfig.finetune"),
-    ({"layer_types": ()}, "PruneConfig.layer_types"),
+    ({"layers": {"types": ()}}, "PruneConfig.layers.types"),
+    ({"layers": {"include": []}}, "PruneConfig.layers.include"),
+    # old names are refused in one line naming the new key (issue 11)
+    ({"layer_types": ("Linear",)}, "PruneConfig.layer_types: renamed — write layers: {types: [...]}"),
+    ({"include": ("net.*",)}, "PruneConfig.include: renamed — write layers: {include: [...]}"),
+    ({"taylor_batches": 2}, "PruneConfig.taylor_batches: renamed — write batches"),
 ])
 def test_bad_configs_fail_on_construction(kwargs, field):
     with pytest.raises(ConfigError) as err:
@@ -299,7 +304,7 @@ def test_bad_configs_fail_on_construction(kwargs, field):
 def test_empty_selection_fails_before_work(trained, task):
     model = copy.deepcopy(trained)
     with pytest.raises(ConfigError) as err:
-        apply(model, PruneConfig(include=("nothing*",)), task)
+        apply(model, PruneConfig(layers={"include": ["nothing*"]}), task)
     assert "no layer selected" in str(err.value) and "\n" not in str(err.value)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), trained.parameters()))
     with pytest.raises(ConfigError, match="per_layer"):

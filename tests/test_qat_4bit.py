@@ -60,7 +60,7 @@ def test_qat_4bit_per_tensor_beats_ptq(setting):
     ptq, _ = _acc(model, task, W4A8)
     qat, lsq = [], []
     for seed in SEEDS:
-        cfg = dataclasses.replace(W4A8, qat_epochs=2, qat_lr=1e-3, seed=seed)
+        cfg = dataclasses.replace(W4A8, finetune=TrainConfig(epochs=2, lr=1e-3, seed=seed), seed=seed)
         qat.append(_acc(model, task, cfg)[0])
         lsq.append(_acc(model, task, dataclasses.replace(cfg, learnable_scales=True))[0])
     mean_qat, mean_lsq = sum(qat) / len(qat), sum(lsq) / len(lsq)
@@ -75,7 +75,8 @@ def test_qat_4bit_per_tensor_beats_ptq(setting):
 
 def test_qat_keeps_the_4bit_per_tensor_scheme(setting):
     model, task, _ = setting
-    _, q = _acc(model, task, dataclasses.replace(W4A8, qat_epochs=1, qat_steps=5, learnable_scales=True))
+    _, q = _acc(model, task, dataclasses.replace(W4A8, finetune=TrainConfig(epochs=1, max_steps=5, lr=1e-4),
+                                                       learnable_scales=True))
     layers = export_weights(q).layers
     assert len(layers) == 11  # stem, 4 blocks x 2 convs, 1 strided shortcut, fc
     for lq in layers.values():

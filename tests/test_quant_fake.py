@@ -116,4 +116,4 @@ def test_group_size_must_divide_every_layer():
     with pytest.raises(ConfigError, match="group_size: 48 does not divide layer '0' input size 64"):
         validate_for_model(QuantConfig(granularity="per_group", group_size=48), model)
     validate_for_model(QuantConfig(granularity="per_group", group_size=16), model)  # 64 and 32: fine
-    validate_for_model(QuantConfig(granularity="per_group", group_size=64, skip=("2",)), model)  # skipped layer
+    validate_for_model(QuantConfig(granularity="per_group", group_size=64, layers={"exclude": ["2"]}), model)  # skipped layer

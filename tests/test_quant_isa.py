@@ -235,7 +235,7 @@ def test_ort_logs_are_silenced_without_touching_the_root_logger(digits, caplog):
     model, task = digits
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
-    ort_quantize(model, task.example_inputs(), OrtQuantConfig(mode="static", calibration_batches=1), task)
+    ort_quantize(model, task.example_inputs(), OrtQuantConfig(mode="static", batches=1), task)
     assert root.level == level and root.handlers == handlers and not root.filters
     with caplog.at_level(logging.WARNING):
         logging.getLogger("user.code").warning("still heard")

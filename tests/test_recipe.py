@@ -14,7 +14,7 @@ VALID = {
     "model": {"name": "lenet300"},
     "seed": 1,
     "train": {"epochs": 2, "lr": 0.001},
-    "stages": [{"train": {"epochs": 1}}, {"lowrank": {"ratio": 0.5}, "finetune": {"epochs": 1}}],
+    "stages": [{"train": {"epochs": 1}}, {"lowrank": {"params_keep": 0.5}, "finetune": {"epochs": 1}}],
     "export": ["safetensors"],
     "measure": {"batch_size": 32, "repeats": 2},
 }
@@ -49,7 +49,7 @@ def _with(path, value):
     [
         (("stages", 0, "train", "lr"), -1, "stages[0].train.lr: must be a finite number in (0, 10], got -1"),
         (("stages", 1, "finetune", "optimizer"), "Adamm", "stages[1].finetune.optimizer: unknown torch.optim optimizer 'Adamm'"),
-        (("stages", 0, "train", "epochs"), "many", "stages[0].train.epochs: input should be a valid integer"),
+        (("stages", 0, "train", "epochs"), "many", "stages[0].train.epochs: must be an integer in [0, 100000], got 'many'"),
         (("stages", 0, "train", "epoch"), 3, "stages[0].train.epoch: unknown field of TrainConfig"),
         (("stages", 1), {"prunee": {}}, "stages[1].prunee: unknown technique"),
         (("measure", "batch_size"), 0, "measure.batch_size: input should be greater than or equal to 1"),
@@ -58,17 +58,21 @@ def _with(path, value):
         (("colour",), 1, "colour: unknown key"),
         (("train", "l1"), -0.5, "train.l1: must be a finite number in [0, 1]"),
         # upper bounds and non-finite values (issue 12): these used to hang or die in training
-        (("train", "lr"), float("inf"), "train.lr: must be a finite number, got inf"),
+        (("train", "lr"), float("inf"), "train.lr: must be a finite number in (0, 10], got inf"),
         (("train", "lr"), 50.0, "train.lr: must be a finite number in (0, 10], got 50.0"),
-        (("train", "l2"), 1e30, "train.l2: must be within +-1e+09, got 1e+30"),
+        (("train", "l2"), 1e30, "train.l2: must be a finite number in [0, 1], got 1e+30"),
         (("train", "l2"), 2.0, "train.l2: must be a finite number in [0, 1]"),
         (("train", "epochs"), 10**9, "train.epochs: must be an integer in [0, 100000]"),
-        (("train", "optimizer_kwargs"), {"eps": float("nan")}, "train.optimizer_kwargs.eps: must be a finite number, got nan"),
+        (("train", "optimizer_kwargs"), {"eps": float("nan")}, "train.optimizer_kwargs.eps: must be finite and at most 1e12 in size, got nan"),
         (("train", "optimizer_kwargs"), {"betas2": 0.9}, "train.optimizer_kwargs.betas2: Adam takes no 'betas2'"),
         (("train", "device"), "banana", "train.device: not a torch device: 'banana'"),
         (("seed",), True, "seed: input should be a valid integer"),
         (("seed",), 2**63, "seed: input should be less than or equal to"),
         (("measure", "batch_size"), 10**9, "measure.batch_size: input should be less than or equal to 65536"),
+        # the recipe format version (issue 11): missing = 1, a newer one is refused in one line
+        (("schema",), 2, "schema: version 2 is newer than this torchslim reads (1)"),
+        (("schema",), "1", "schema: must be a positive integer"),
+        (("stages", 0, "train", "epochs"), True, "stages[0].train.epochs: must be an integer in [0, 100000], got True"),
     ],
 )
 def test_errors_name_the_path_inside_the_recipe(path, value, expected):
@@ -96,7 +100,7 @@ garbage = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size
                        max_leaves=6)
 PATHS = [("task",), ("model",), ("seed",), ("train",), ("train", "lr"), ("train", "epochs"),
          ("train", "optimizer"), ("train", "scheduler"), ("stages",), ("stages", 0), ("stages", 0, "train"),
-         ("stages", 0, "train", "lr"), ("stages", 1, "lowrank"), ("stages", 1, "lowrank", "ratio"),
+         ("stages", 0, "train", "lr"), ("stages", 1, "lowrank"), ("stages", 1, "lowrank", "params_keep"),
          ("stages", 1, "finetune"), ("export",), ("measure",), ("measure", "batch_size"), ("model", "name")]
 
 
@@ -117,7 +121,7 @@ def malformed(draw):
         path, value = draw(st.sampled_from([
             (("train", "lr"), st.one_of(st.floats(max_value=0), st.text(min_size=1, alphabet="xyz"))),
             (("stages", 0, "train", "epochs"), st.one_of(st.integers(max_value=-1), st.text(min_size=1, alphabet="abc"))),
-            (("stages", 1, "lowrank", "ratio"), st.one_of(st.floats(min_value=1.01, max_value=1e9), st.floats(max_value=0), st.just("half"))),
+            (("stages", 1, "lowrank", "params_keep"), st.one_of(st.floats(min_value=1.01, max_value=1e9), st.floats(max_value=0), st.just("half"))),
             (("measure", "batch_size"), st.integers(max_value=0)),
             (("train", "optimizer"), st.text(alphabet="qwxz", min_size=1, max_size=6)),
             (("train", "scheduler"), st.text(alphabet="qwxz", min_size=1, max_size=6)),

@@ -18,7 +18,7 @@ SMALL_TASKS = {"mnist1d": {"num_samples": 1500}, "minilm": {"n_sentences": 48, "
 def shrink(node):
     """Every training budget becomes one epoch; data and measurement become tiny."""
     if isinstance(node, dict):
-        return {k: (1 if k in ("epochs", "qat_epochs") and isinstance(v, int) and v > 0 else shrink(v))
+        return {k: (1 if k == "epochs" and isinstance(v, int) and v > 0 else shrink(v))
                 for k, v in node.items()}
     if isinstance(node, list):
         return [shrink(v) for v in node]

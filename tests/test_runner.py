@@ -17,7 +17,7 @@ RECIPE = {
     "seed": 4,
     "train": {"epochs": 3, "lr": 0.001, "device": "cpu"},
     "stages": [
-        {"lowrank": {"ratio": 0.5, "min_saved_macs": 0}},
+        {"lowrank": {"params_keep": 0.5, "min_saved_macs": 0}},
         {"train": {"epochs": 25, "lr": 0.001, "device": "cpu"}, "name": "long-finetune"},
         {"train": {"epochs": 1, "lr": 0.0005, "device": "cpu"}},
     ],
@@ -74,7 +74,7 @@ def test_sigkill_in_second_stage_then_resume_matches_uninterrupted(tmp_path):
 
 
 def test_run_writes_rows_artifacts_and_exports(tmp_path):
-    recipe = {**RECIPE, "stages": [{"lowrank": {"ratio": 0.5, "min_saved_macs": 0}}], "train": {"epochs": 1, "device": "cpu"}}
+    recipe = {**RECIPE, "stages": [{"lowrank": {"params_keep": 0.5, "min_saved_macs": 0}}], "train": {"epochs": 1, "device": "cpu"}}
     summary = run_recipe(recipe, out=tmp_path, log=lambda m: None)
     rows = summary["rows"]
     assert [r["stage"] for r in rows] == ["baseline", "lowrank"]

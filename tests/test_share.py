@@ -124,7 +124,9 @@ def test_centroid_finetune_keeps_structure_and_learns(task):
     ({"bits": {}}, "ShareConfig.bits"),
     ({"init": "kmeans++"}, "ShareConfig.init"),
     ({"layers": ()}, "ShareConfig.layers"),
-    ({"finetune": {"epochs": 1}}, "ShareConfig.finetune"),
+    ({"finetune": {"epochs": -1}}, "ShareConfig.finetune.epochs"),
+    ({"finetune": 3}, "ShareConfig.finetune"),
+    ({"layers": {"include": []}}, "ShareConfig.layers.include"),
     ({"max_iter": 0}, "ShareConfig.max_iter"),
 ])
 def test_bad_configs_fail_in_one_line(kwargs, field):

@@ -255,7 +255,7 @@ def test_run_a_recipe_on_a_tied_model(tmp_path):
 
     recipe = {"name": "tied", "task": {"name": "digits", "kwargs": {"batch_size": 32}},
               "model": "test_ties:tied_digits", "seed": 0,
-              "stages": [{"lowrank": {"ratio": 0.5, "min_saved_macs": 0}}, {"share": {"bits": 4}}],
+              "stages": [{"lowrank": {"params_keep": 0.5, "min_saved_macs": 0}}, {"share": {"bits": 4}}],
               "export": ["safetensors"], "measure": {"batch_size": 1, "repeats": 2}}
     summary = run_recipe(recipe, out=tmp_path, log=lambda m: None, trust_code=True)  # died at baseline
     low = summary["rows"][1]

@@ -1,14 +1,11 @@
 """Bounds on both sides for every numeric config field, written once, next to the field.
 
-``bounded(default, low, high)`` is a ``dataclasses.field`` carrying its range; ``check_bounds(cfg)``
-(called first in each config's ``__post_init__``) refuses a value of the wrong type (a bool, a
-string, NaN, inf) or outside the range with one line naming the field and the range, before any
-work. Fields a config checks by hand as well keep their hand check for cross-field rules.
-
-Why not pydantic here (yet): the configs are plain dataclasses that the recipe layer builds and
-the tests construct directly; this keeps that contract while giving every field its two bounds.
-The one-config-contract redesign of the conventions issue (11) can swap the mechanism without
-touching the declared ranges.
+``bounded(default, low, high)`` is a ``dataclasses.field`` carrying its ``Range``. The one config
+contract (``torchslim.config_base.config``) turns each declared range into pydantic constraints
+on the field's type (strict number, finite, ``Ge``/``Gt`` and ``Le``/``Lt``), so a bool, a string,
+NaN, inf or an out-of-range value is refused by pydantic at construction, with one line naming the
+field and the range. ``check_bounds(cfg)`` is the same rule as a plain function (kept for callers
+that check a config built without the contract).
 """
 
 from __future__ import annotations
@@ -34,7 +31,7 @@ class Range:
     high_open: bool = False
 
     def text(self) -> str:
-        kind = "an integer" if self.integer else "a number"
+        kind = "an integer" if self.integer else "a finite number"
         lo, hi = "(" if self.low_open else "[", ")" if self.high_open else "]"
         fmt = (lambda v: str(int(v))) if self.integer else (lambda v: f"{v:g}")
         return f"{kind} in {lo}{fmt(self.low)}, {fmt(self.high)}{hi}" + (" or null" if self.optional else "")
@@ -51,6 +48,15 @@ class Range:
         above = value > self.low if self.low_open else value >= self.low
         below = value < self.high if self.high_open else value <= self.high
         return above and below
+
+
+    def constraints(self) -> tuple[Any, ...]:
+        """The range as pydantic / annotated_types constraints (used by config_base)."""
+        import annotated_types as at
+
+        low = at.Gt(self.low) if self.low_open else at.Ge(self.low)
+        high = at.Lt(self.high) if self.high_open else at.Le(self.high)
+        return (low, high)
 
 
 def bounded(default: Any, low: float, high: float, *, integer: bool = False, optional: bool = False,

@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import TaskError
 from .task import Task, as_tensor, call_model, resize_batch
-from .utils import model_device, to_device
+from .utils import eval_mode, model_device, to_device
 
 MAX_SCAN_BATCHES = 200  # whole small splits; a bounded prefix of large ones
 
@@ -82,11 +82,8 @@ def model_classes(model: nn.Module, task: Task) -> int | None:
         return None
     try:
         inputs, _ = next(iter(task.test))
-        with torch.no_grad():
-            was = model.training
-            model.eval()
+        with torch.no_grad(), eval_mode(model):
             out = as_tensor(call_model(model, to_device(resize_batch(inputs, 2), model_device(model))))
-            model.train(was)
     except Exception:  # noqa: BLE001 - check_model reports a model that does not run
         return None
     return int(out.shape[-1]) if out.ndim == 2 else None

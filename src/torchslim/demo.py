@@ -62,7 +62,7 @@ def cache_root(cache_dir: str | None) -> Path:
 def trained_baseline(seed: int, cache_dir: str | None, retrain: bool, con) -> Path:
     """Path of LeNet-300-100 trained on digits, training it unless the same config is cached."""
     task = build_task("digits", seed=seed, **TASK_KWARGS)
-    cfg = TrainConfig(seed=seed, progress=con.is_terminal, **BASELINE_TRAIN)
+    cfg = TrainConfig(seed=seed, progress=None, **BASELINE_TRAIN)  # auto: bars in a terminal
     key_src = {"model": "lenet300", "task": task.name, **TASK_KWARGS, **asdict(cfg), "progress": None}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_root(cache_dir) / f"demo-lenet300-{task.name}-{key}.safetensors"

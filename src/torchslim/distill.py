@@ -18,14 +18,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bounds import bounded, check_bounds, fraction
+from .bounds import bounded, check_bounds, fraction, seed_field
+from .config_base import config
 from .errors import ConfigError, check
 from .losses import kd_loss
 from .stage import StageResult, register_stage, training_hooks
@@ -36,7 +37,7 @@ from .utils import batch_size_of, default_device, to_device
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-@dataclass
+@config(renamed={"train": "finetune"})
 class DistillConfig:
     """How to distill.
 
@@ -48,7 +49,9 @@ class DistillConfig:
     feature_weight: weight of the summed feature losses.
     unlabeled: soft (weight 1, alpha unused) and feature losses only; the train split's targets
         are ignored.
-    train: the training budget (a torchslim.train.TrainConfig).
+    finetune: the training budget (a torchslim.train.TrainConfig), as everywhere training happens.
+    seed: seeds the initialization of the feature projections (the training itself is seeded
+        by ``finetune.seed``).
     """
 
     teacher: Any = None
@@ -57,7 +60,8 @@ class DistillConfig:
     features: dict[str, str] = field(default_factory=dict)
     feature_weight: float = bounded(1.0, 0, 1e6)
     unlabeled: bool = False
-    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = seed_field()
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -71,7 +75,8 @@ class DistillConfig:
               "must map student module names to teacher module names, e.g. {'layers.1': 'layers.3'}")
         check(self.teacher is None or isinstance(self.teacher, (nn.Module, str)), "DistillConfig.teacher",
               f"must be an nn.Module or 'package.module:function', got {type(self.teacher).__name__}")
-        check(isinstance(self.train, TrainConfig), "DistillConfig.train", "must be a torchslim.train.TrainConfig")
+        check(isinstance(self.finetune, TrainConfig), "DistillConfig.finetune",
+              "must be a torchslim.train.TrainConfig (distillation is training: it needs a budget)")
 
 
 def distill_task(task: Task, alpha: float, unlabeled: bool) -> Task:
@@ -151,7 +156,9 @@ class DistillationHook:
               f"student {tuple(s_out.shape)}; the teacher must predict the same classes as the student")
         for s_name, t_name in self.cfg.features.items():
             s, t = self._student[s_name].value, self._teacher[s_name].value
-            proj = _projection(s_mods[s_name], s, t, f"{s_name} -> {t_name}")
+            with torch.random.fork_rng(devices=[]):  # the projection's init is the config's, not the caller's RNG
+                torch.manual_seed(self.cfg.seed)
+                proj = _projection(s_mods[s_name], s, t, f"{s_name} -> {t_name}")
             self.projections[s_name.replace(".", "__")] = proj.to(s_out.device)
 
     def parameters(self) -> list[nn.Parameter]:
@@ -205,7 +212,7 @@ def apply(model: nn.Module, cfg: DistillConfig, task: Task, teacher: nn.Module |
     checked on one batch before any training.
     """
     teacher = copy.deepcopy(_resolve_teacher(cfg, teacher)).requires_grad_(False)
-    device = torch.device(cfg.train.device) if cfg.train.device else default_device()
+    device = torch.device(cfg.finetune.device) if cfg.finetune.device else default_device()
     model.to(device)
     teacher.to(device).eval()
     # the (unshuffled) test split, so the train loader's shuffling RNG is not advanced
@@ -220,7 +227,7 @@ def apply(model: nn.Module, cfg: DistillConfig, task: Task, teacher: nn.Module |
     try:
         # training_hooks keep earlier compression (pruning masks, fake-quant) intact: recovery
         hooks = [hook, *training_hooks(model)]
-        result = fit(model, distill_task(task, cfg.alpha, cfg.unlabeled), cfg.train, hooks=hooks, params=params)
+        result = fit(model, distill_task(task, cfg.alpha, cfg.unlabeled), cfg.finetune, hooks=hooks, params=params)
     finally:
         hook.close()
     info["fit"] = result.to_dict()

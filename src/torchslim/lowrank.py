@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from .bounds import bounded, check_bounds, count, fraction
+from .config_base import config
 from .errors import ConfigError, check
 from .lowrank_speed import hooked_forward, is_faster, layer_inputs
+from .selection import Layers, layers_field
 from .stage import StageResult, register_stage, training_hooks
 from .task import Task
 from .train import TrainConfig, fit
@@ -35,14 +36,17 @@ from .train import TrainConfig, fit
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-@dataclass
+@config(renamed={"ratio": "params_keep"}, stage="lowrank")
 class LowRankConfig:
-    """How to choose each layer's rank (exactly one of energy / ratio / rank).
+    """How to choose each layer's rank (exactly one of energy / params_keep / rank).
 
     energy: keep the smallest r whose singular values hold this share of Σσ², in (0, 1].
-    ratio: target parameter (= MAC) ratio per layer in (0, 1): r = floor(ratio·in·out/(in+out)).
+    params_keep: share of each layer's parameters (= MACs) kept, in (0, 1):
+        r = floor(params_keep·in·out/(in+out)).
     rank: a fixed rank, or {layer_name: rank}; larger than min(in, out) is an error.
-    layers: names of the Linear/Conv modules to consider (None: all with groups == 1).
+    layers: which Linear/Conv modules (groups == 1) to consider (a LayerSelection; default all).
+        Exact names (no glob characters) must each be a module that factorizes; with glob
+        patterns, selected modules that cannot be factorized are skipped with the reason.
     min_mac_saving: only factorize a layer whose MACs drop by at least this share, in [0, 1).
     finetune: training budget run after factorizing (None: no fine-tune).
     min_saved_macs / speed_batch: factorize a layer only when the pair removes at least this
@@ -57,9 +61,9 @@ class LowRankConfig:
     """
 
     energy: float | None = fraction(None, low_open=True)
-    ratio: float | None = fraction(None, low_open=True, high_open=True)
+    params_keep: float | None = fraction(None, low_open=True, high_open=True)
     rank: int | dict[str, int] | None = None
-    layers: list[str] | None = None
+    layers: Layers = layers_field()
     min_mac_saving: float = fraction(0.1, high_open=True)
     finetune: TrainConfig | None = None
     min_saved_macs: int = bounded(2_000_000, 0, 10**15, integer=True)
@@ -69,16 +73,23 @@ class LowRankConfig:
 
     def __post_init__(self) -> None:
         check_bounds(self)
-        given = [n for n in ("energy", "ratio", "rank") if getattr(self, n) is not None]
-        check(len(given) == 1, "LowRankConfig", f"give exactly one of energy, ratio, rank (got {given or 'none'})")
+        given = [n for n in ("energy", "params_keep", "rank") if getattr(self, n) is not None]
+        check(len(given) == 1, "LowRankConfig", f"give exactly one of energy, params_keep, rank (got {given or 'none'})")
         check(self.energy is None or 0 < self.energy <= 1, "LowRankConfig.energy", f"must be in (0, 1], got {self.energy!r}")
-        check(self.ratio is None or 0 < self.ratio < 1, "LowRankConfig.ratio", f"must be in (0, 1), got {self.ratio!r}")
+        check(self.params_keep is None or 0 < self.params_keep < 1, "LowRankConfig.params_keep",
+              f"must be in (0, 1), got {self.params_keep!r}")
         ranks = self.rank.values() if isinstance(self.rank, dict) else [] if self.rank is None else [self.rank]
         check(all(isinstance(r, int) and r >= 1 for r in ranks), "LowRankConfig.rank", f"ranks must be integers >= 1, got {self.rank!r}")
         check(0 <= self.min_mac_saving < 1, "LowRankConfig.min_mac_saving", f"must be in [0, 1), got {self.min_mac_saving!r}")
-        check(self.layers is None or (isinstance(self.layers, (list, tuple)) and all(isinstance(n, str) for n in self.layers)),
-              "LowRankConfig.layers", "must be a list of module names or None")
         check(self.finetune is None or isinstance(self.finetune, TrainConfig), "LowRankConfig.finetune", "must be a TrainConfig or None")
+
+
+def _exact_names(cfg: LowRankConfig) -> list[str] | None:
+    """The module names ``layers`` lists exactly (no glob characters), or None (patterns/all)."""
+    inc = cfg.layers.include
+    if inc == ("*",) or any(c in p for p in inc for c in "*?["):
+        return None
+    return [n for n in inc if cfg.layers.named(n)]
 
 
 def _factorizable(m: nn.Module) -> bool:
@@ -124,10 +135,13 @@ def _candidates(model: nn.Module, cfg: LowRankConfig) -> tuple[list[Group], list
         names_of.setdefault(id(m), []).append(n)
     every = dict(model.named_modules(remove_duplicate=False))
     direct, skipped, chosen = _direct_readers(model), [], []
-    if cfg.layers is None and not isinstance(cfg.rank, dict):
+    exact = _exact_names(cfg)
+    if exact is None and not isinstance(cfg.rank, dict):
         for n, m in mods.items():
             if n == "parametrizations" or n.endswith(".parametrizations") or ".parametrizations." in f".{n}":
                 continue  # torch.nn.utils.parametrize internals (their module is considered)
+            if not cfg.layers.matches(n, m):
+                continue
             w = getattr(m, "weight", None)
             weighty = (isinstance(w, torch.Tensor) and w.dim() >= 2) or any(p.dim() >= 2 for p in m.parameters(recurse=False))
             why = _skip_reason(m, direct) if weighty else "-"
@@ -136,12 +150,14 @@ def _candidates(model: nn.Module, cfg: LowRankConfig) -> tuple[list[Group], list
             elif why != "-":
                 skipped.append(f"{n or '<root>'} ({why})")
     else:
-        names = cfg.layers if cfg.layers is not None else list(cfg.rank)
         if isinstance(cfg.rank, dict):  # per-layer ranks name the layers (within layers, if given)
             for n in cfg.rank:
                 check(n in every, "LowRankConfig.rank", f"model has no module {n!r}")
-            missing = [n for n in (cfg.layers or []) if n not in cfg.rank]
+            names = exact if exact is not None else [n for n in cfg.rank if cfg.layers.matches(n, every[n])]
+            missing = [n for n in (exact or []) if n not in cfg.rank]
             check(not missing, "LowRankConfig.rank", f"no rank given for layer {missing[:1]}; add it or drop it from layers")
+        else:
+            names = exact
         for n in names:
             check(n in every, "LowRankConfig.layers", f"model has no module {n!r}")
             m = every[n]
@@ -193,8 +209,8 @@ def rank_for_energy(s: torch.Tensor, energy: float) -> int:
 def _wanted_rank(name: str, out_f: int, in_f: int, cfg: LowRankConfig, s: torch.Tensor | None) -> int:
     if cfg.rank is not None:
         return cfg.rank[name] if isinstance(cfg.rank, dict) else cfg.rank
-    if cfg.ratio is not None:
-        return max(1, math.floor(cfg.ratio * out_f * in_f / (out_f + in_f)))
+    if cfg.params_keep is not None:
+        return max(1, math.floor(cfg.params_keep * out_f * in_f / (out_f + in_f)))
     return rank_for_energy(s, cfg.energy)
 
 

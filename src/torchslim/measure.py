@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from .bounds import check_bounds, count
+from .config_base import config
 from .errors import check
 from .isa import machine_facts
 from .measure_latency import (
@@ -34,7 +34,7 @@ from .measure_latency import (
 from .measure_memory import peak_memory
 from .measure_timing import time_model
 from .task import Task, call_model
-from .utils import batch_size_of, model_device, to_device
+from .utils import batch_size_of, jsonable, model_device, to_device
 
 __all__ = [
     "MeasureConfig",
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 RUNTIMES = ("eager", "compile", "onnxruntime")
 
 
-@dataclass
+@config
 class MeasureConfig:
     """What to measure and how.
 
@@ -143,23 +143,13 @@ class Record:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe dict (non-finite floats become None)."""
-        return _json_safe(dataclasses.asdict(self))
+        return jsonable(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Record:
         """Inverse of to_dict; unknown keys (from newer versions) are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 # ---------------------------------------------------------------------------- size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,13 +35,35 @@ def _speed_cells(r: Record, first: Record, base: dict | None) -> list[str]:
     return cells
 
 
-def format_records(records: Sequence[Record]):
-    """A rich Table of records; size is relative to the first record. Speedup is the row's own
-    interleaved measurement against the reference when it has one (``measure(reference=)``),
-    else relative to the first record's first runtime. Rows with timing warnings are marked ⚠
-    and the warnings are listed in the caption."""
+@functools.lru_cache(maxsize=1)
+def _table_class():
+    """rich's Table, printing as text: ``print(format_records(rows))`` shows the table (plain
+    text, the width of the terminal or 160 columns), not ``<rich.table.Table object>``;
+    ``console.print(table)`` still renders it with colour."""
     from rich.table import Table
 
+    class MeasureTable(Table):
+        def __str__(self) -> str:
+            import io
+            import shutil
+
+            from rich.console import Console
+
+            width = shutil.get_terminal_size((160, 24)).columns
+            buf = io.StringIO()
+            Console(file=buf, width=max(width, 100), force_terminal=False, color_system=None,
+                    legacy_windows=False).print(self)
+            return buf.getvalue().rstrip("\n")
+
+    return MeasureTable
+
+
+def format_records(records: Sequence[Record]):
+    """A rich Table of records (``str()`` of it is the table as text); size is relative to the
+    first record. Speedup is the row's own interleaved measurement against the reference when
+    it has one (``measure(reference=)``), else relative to the first record's first runtime.
+    Rows with timing warnings are marked ⚠ and the warnings are listed in the caption."""
+    Table = _table_class()
     names = {r.metric_name for r in records if r.metric is not None}
     metric_col = names.pop() if len(names) == 1 else "metric"
     machine = next((r.machine for r in records if r.machine), {})

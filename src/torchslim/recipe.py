@@ -6,24 +6,24 @@ exactly one technique key (the technique's registered name, e.g. ``prune``, ``sh
 ``quant``) whose value holds that technique's config fields, plus an optional ``finetune``
 block (TrainConfig fields) run after the technique and an optional ``name``.
 
-Every error is one line naming the path inside the recipe, e.g.
+``schema: 1`` states the recipe format version (missing = 1; a newer one is refused in one line).
+Each stage config is built through the one config contract (``torchslim.config_base``), so a
+recipe and Python construction validate identically. Every error is one line naming the path
+inside the recipe, e.g.
 ``stages[2].prune.sparsity: must be in [0, 1), got 1.3``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import math
-import types
-import typing
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .config_base import check_schema, from_dict
 from .errors import ConfigError, TorchslimError
 from .stage import stage_names
 from .train import TrainConfig
@@ -129,7 +129,11 @@ def load_recipe(path_or_data: str | Path | dict[str, Any]) -> Recipe:
         _check(key not in data, key, f"this recipe is for `{command}` (its {key!r} block); `torchslim run` "
                "takes recipes without one")
     try:
-        spec = RecipeSpec.model_validate(data)
+        check_schema(data)
+    except ConfigError as exc:
+        raise RecipeError(str(exc).removeprefix("recipe.")) from None
+    try:
+        spec = RecipeSpec.model_validate({k: v for k, v in data.items() if k != "schema"})
     except ValidationError as exc:
         raise RecipeError(_pydantic_message(exc)) from None
     task = spec.task if isinstance(spec.task, TaskSpec) else TaskSpec(name=spec.task)
@@ -262,110 +266,26 @@ def _dedupe_names(stages: list[Stage]) -> None:
 
 
 def build_dataclass(cls: type, data: Any, path: str) -> Any:
-    """Build config dataclass ``cls`` from a mapping, checking keys and types field by field."""
+    """Build config ``cls`` from a recipe mapping, validated THROUGH the config contract
+    (``config_base.from_dict``: pydantic, extra="forbid", declared bounds, renamed keys);
+    the contract's one-line error is re-based onto the path inside the recipe."""
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: must be a mapping of {cls.__name__} fields, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    hints = _hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise RecipeError(f"{path}.{key}: unknown field of {cls.__name__}; known: {', '.join(fields)}")
-        kwargs[key] = _coerce(hints.get(key, Any), value, f"{path}.{key}")
     try:
-        return cls(**kwargs)
+        return from_dict(cls, data, path)
     except ConfigError as exc:
         raise RecipeError(_rebase(str(exc), cls.__name__, path)) from None
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise RecipeError(f"{path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(cls)
-    except Exception:  # noqa: BLE001 - unresolvable annotations: fall back to no type checks
-        return {}
-
-
-MAX_NUMBER = 1e9  # any number in a stage config; seeds may go up to 2**63 - 1
-
-
-def _sane(hint: Any, value: Any, path: str) -> None:
-    """Recipe-wide rules for numbers, before the field's own checks: a bool is not a number
-    (pydantic's lax mode would take ``epochs: true`` as 1), numbers are finite, and within
-    +-1e9 (a budget of 1e30 steps hangs; seeds up to 2**63 - 1)."""
-    if isinstance(value, bool):
-        if hint is not bool and "bool" not in str(hint) and hint is not Any:
-            _raise(f"{path}: must be a number, got {value!r}")
-        return
-    if isinstance(value, float) and not math.isfinite(value):
-        _raise(f"{path}: must be a finite number, got {value!r}")
-    if isinstance(value, (int, float)):
-        limit = 2**63 - 1 if path.rsplit(".", 1)[-1] == "seed" else MAX_NUMBER
-        if abs(value) > limit:
-            _raise(f"{path}: must be within +-{limit:g}, got {value!r}")
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _sane(Any, v, f"{path}[{i}]")
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _sane(Any, v, f"{path}.{k}")
-
-
-def _coerce(hint: Any, value: Any, path: str) -> Any:
-    _sane(hint, value, path)
-    nested = _dataclass_in(hint)
-    if nested is not None and isinstance(value, dict):
-        return build_dataclass(nested, value, path)
-    if not _checkable(hint):
-        return value
-    try:
-        return _adapter(hint).validate_python(value)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = "".join(f"[{p}]" if isinstance(p, int) else "" for p in err["loc"])
-        return _raise(f"{path}{where}: {err['msg'].lower()}, got {value!r}"[:300])
-
-
-def _raise(msg: str):
-    raise RecipeError(msg)
-
-
-@functools.cache
-def _adapter(hint: Any) -> TypeAdapter:
-    return TypeAdapter(hint)
-
-
-def _dataclass_in(hint: Any) -> type | None:
-    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
-        return hint
-    for arg in typing.get_args(hint):
-        if dataclasses.is_dataclass(arg) and isinstance(arg, type):
-            return arg
-    return None
-
-
-def _checkable(hint: Any) -> bool:
-    """True when pydantic can validate the hint (plain data types only; not modules or Any)."""
-    if hint is Any or _dataclass_in(hint) is not None:
-        return False
-    if isinstance(hint, type):
-        return hint in (int, float, str, bool, dict, list, tuple)
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType, list, tuple, dict, typing.Literal):
-        return all(a is Ellipsis or a is type(None) or _checkable(a) or origin is typing.Literal
-                   for a in typing.get_args(hint))
-    return False
-
-
 def _rebase(message: str, cls_name: str, path: str) -> str:
     """'PruneConfig.sparsity: ...' -> 'stages[0].prune.sparsity: ...' (else prefix the path)."""
-    prefix = f"{cls_name}."
-    if message.startswith(prefix):
-        return f"{path}.{message[len(prefix):]}"
-    if message.startswith("TrainConfig."):
-        return f"{path}.{message[len('TrainConfig.'):]}"
+    if message.startswith(path):
+        return message
+    for prefix in (f"{cls_name}.", "TrainConfig."):
+        if message.startswith(prefix):
+            return f"{path}.{message[len(prefix):]}"
     return f"{path}: {message}"
 
 

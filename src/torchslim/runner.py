@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, progress
 from .checkpoint import load_module, save_module
 from .data_check import check_task_and_model
 from .errors import TorchslimError
@@ -129,7 +129,8 @@ def _run(recipe: Recipe, out_dir: Path, resume: bool, log: Progress) -> dict[str
         t0 = time.perf_counter()
         log(f"stage {stage.name}: {stage.technique}")
         config = _with_teacher(stage.config, _ckpt(state_dir, 0))
-        model, info, save = _run_stage(model, stage, config, task, recipe.spec.seed + i + 1)
+        with progress.stage(_stage_label(i, len(recipe.stages), stage)):  # bars say which stage runs
+            model, info, save = _run_stage(model, stage, config, task, recipe.spec.seed + i + 1)
         state["rows"].append(_on_main(_measure, model, task, mcfg, out_dir, stage.name, save, info, reference, i + 1))
         state["done"] = i + 1
         violation = _guard(state["rows"][0], state["rows"][-1], recipe.spec.guard, log)
@@ -185,7 +186,8 @@ def _baseline(recipe: Recipe, task, log: Progress) -> nn.Module:
         s.finetune is not None or s.technique in ("train", "distill") for s in recipe.stages))
     if recipe.train is not None:
         log(f"baseline: training {recipe.model.name} on {task.name}")
-        fit(model, task, recipe.train)
+        with progress.stage("baseline"):
+            fit(model, task, recipe.train)
     return model
 
 
@@ -218,6 +220,12 @@ def _with_teacher(config: Any, baseline_path: Path) -> Any:
     if getattr(config, "teacher", "absent") is None and baseline_path.exists():
         return replace(config, teacher=load_module(baseline_path).eval())
     return config
+
+
+def _stage_label(i: int, n: int, stage: Stage) -> str:
+    """"stage 3/4 quantize" (plus the technique when the stage has its own name)."""
+    same = stage.name == stage.technique
+    return f"stage {i + 1}/{n} {stage.name}" + ("" if same else f" ({stage.technique})")
 
 
 def _run_stage(model: nn.Module, stage: Stage, config: Any, task, seed: int):

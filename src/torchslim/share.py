@@ -20,7 +20,6 @@ named in one warning.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -30,8 +29,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .bounds import check_bounds, count, seed_field
+from .config_base import config
 from .errors import check
 from .export.archive import save_archive
+from .selection import Layers, layers_field
 from .stage import StageResult, register_stage, training_hooks
 from .task import Task
 from .train import TrainConfig, fit
@@ -39,7 +40,7 @@ from .train import TrainConfig, fit
 INITS = ("linear", "density", "random")
 
 
-@dataclass
+@config
 class ShareConfig:
     """How to share weights.
 
@@ -47,7 +48,8 @@ class ShareConfig:
         ``{pattern: bits}`` by module-name pattern (fnmatch, first match wins; a layer no
         pattern matches is left alone).
     init: centroid initialization: "linear" (best in the paper), "density" or "random".
-    layers: module-name patterns to share; None = every module with a ``weight`` of dim >= 2.
+    layers: which modules to share (a LayerSelection: include / exclude globs on module names,
+        types, filter_fn); default every module with a ``weight`` of dim >= 2.
     keep_zeros: pruned (zero) weights stay exactly zero and are not clustered.
     finetune: centroid fine-tuning budget (trains codebooks and the other free parameters,
         e.g. biases; the shared structure and zeros are kept); None = no fine-tuning.
@@ -59,7 +61,7 @@ class ShareConfig:
 
     bits: int | dict[str, int] = 5
     init: str = "linear"
-    layers: tuple[str, ...] | None = None
+    layers: Layers = layers_field()
     keep_zeros: bool = True
     finetune: TrainConfig | None = None
     fp16_floats: bool = False
@@ -78,18 +80,14 @@ class ShareConfig:
                   f"must be an integer from 1 to 8 (k = 2**bits centroids), got {b!r}"
                   + ("" if pattern == "*" else f" for {pattern!r}"))
         check(self.init in INITS, "ShareConfig.init", f"unknown init {self.init!r}; use one of {', '.join(INITS)}")
-        if isinstance(self.layers, str):
-            self.layers = (self.layers,)
-        check(self.layers is None or (len(self.layers) > 0 and all(isinstance(p, str) for p in self.layers)),
-              "ShareConfig.layers", f"must be None or a non-empty list of module-name patterns, got {self.layers!r}")
         check(self.finetune is None or isinstance(self.finetune, TrainConfig), "ShareConfig.finetune",
               f"must be a TrainConfig or None, got {type(self.finetune).__name__}")
         check(isinstance(self.max_iter, int) and self.max_iter >= 1, "ShareConfig.max_iter",
               f"must be an integer >= 1, got {self.max_iter!r}")
 
-    def bits_for(self, name: str) -> int | None:
+    def bits_for(self, name: str, module: nn.Module | None = None) -> int | None:
         """Index bits for module ``name``, or None when it is not shared."""
-        if self.layers is not None and not any(fnmatchcase(name, p) for p in self.layers):
+        if not self.layers.named(name) or (module is not None and not self.layers.kind_ok(module, name)):
             return None
         return next((b for p, b in self._table().items() if fnmatchcase(name, p)), None)
 
@@ -196,7 +194,7 @@ def plan(model: nn.Module, cfg: ShareConfig) -> tuple[list[tuple[list[str], list
         if ".parametrizations." in f".{n}." or isinstance(m, parametrize.ParametrizationList):
             continue  # torch.nn.utils.parametrize internals (their module is considered)
         names = names_of[id(m)]
-        selected = [x for x in names if cfg.bits_for(x) is not None]
+        selected = [x for x in names if cfg.bits_for(x, m) is not None]
         # a weight the module holds (a Parameter, or a parametrized one), not a computed view
         # such as lowrank.LowRankPair.weight (its factors are shared instead)
         own = m._parameters.get("weight") is not None or parametrize.is_parametrized(m, "weight")
@@ -211,7 +209,8 @@ def plan(model: nn.Module, cfg: ShareConfig) -> tuple[list[tuple[list[str], list
             skipped.append(f"{n or '<root>'} ({type(m).__name__}: {why})")
     out = []
     for names, mods in groups.values():
-        bits = {x: cfg.bits_for(x) for x in names}
+        by_name = {x: mod for mod in mods for x in names_of[id(mod)]}
+        bits = {x: cfg.bits_for(x, by_name.get(x)) for x in names}
         wanted = sorted({b for b in bits.values() if b is not None})
         if not wanted:
             continue

@@ -78,16 +78,14 @@ def apply_stage(model: nn.Module, config: Any, task: Task) -> StageResult:
     return fn(model, config, task)
 
 
-_ALIASES = {"NMConfig": "nm", "QuantConfig": "quantize", "LowRankConfig": "lowrank", "TrainConfig": "train",
-            "ExitConfig": "early_exit"}
-
-
 def stage_name(config_type: type) -> str:
-    """Recipe key of a technique: PruneConfig -> prune, StructuredPruneConfig -> structured_prune."""
+    """Recipe key of a technique: PruneConfig -> prune, StructuredPruneConfig -> structured_prune,
+    or the name the config declares itself (``@config(stage="quantize")``: one place, next to it)."""
     import re
 
-    if config_type.__name__ in _ALIASES:
-        return _ALIASES[config_type.__name__]
+    declared = config_type.__dict__.get("__stage_name__")
+    if declared is not None:
+        return declared
     base = config_type.__name__.removesuffix("Config")
     return re.sub(r"(?<!^)(?=[A-Z])", "_", base).lower()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import types
 import typing
 from typing import Any
 
@@ -15,8 +16,19 @@ from .stage import stage_names
 
 
 def _type_text(tp: Any) -> str:
-    text = getattr(tp, "__name__", None) if not typing.get_args(tp) else None
-    return text or str(tp).replace("typing.", "").replace("torchslim.train.", "")
+    """A field type as written, without the contract's constraints: ``float | None``,
+    ``dict[str, float]``, ``LayerSelection`` (ranges are their own column)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        return _type_text(args[0])
+    if tp is type(None):
+        return "None"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_text(a) for a in args)
+    if origin is not None and args:
+        inner = ", ".join("..." if a is Ellipsis else _type_text(a) for a in args)
+        return f"{getattr(origin, '__name__', str(origin).replace('typing.', ''))}[{inner}]"
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _default(f: dataclasses.Field) -> str:
@@ -54,18 +66,19 @@ def describe(name: str) -> list[dict[str, str]]:
     if name not in stages:
         raise ConfigError(f"stages: no stage named {name!r}; known: {', '.join(sorted(stages))}")
     cls = stages[name]
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     docs = _field_docs(cls)
     rows = []
     for f in dataclasses.fields(cls):
         rng = range_of(cls, f.name)
         rows.append({"field": f.name, "type": _type_text(hints.get(f.name, f.type)), "default": _default(f),
-                     "range": rng.text().removeprefix("an integer in ").removeprefix("a number in ") if rng else "",
+                     "range": rng.text().removeprefix("an integer in ").removeprefix("a finite number in ") if rng else "",
                      "doc": docs.get(f.name, "")})
     return rows
 
 
 def stages_table(name: str | None = None):
+    from rich.markup import escape
     from rich.table import Table
 
     if name is None:
@@ -74,11 +87,11 @@ def stages_table(name: str | None = None):
             table.add_column(col)
         for key, cls in sorted(stage_names().items()):
             first = (inspect.getdoc(cls) or "").strip().splitlines()
-            table.add_row(key, cls.__name__, first[0] if first else "")
+            table.add_row(key, cls.__name__, escape(first[0]) if first else "")
         return table
     table = Table(title=f"stage {name!r} ({stage_names()[name].__name__ if name in stage_names() else '?'})")
     for col in ("field", "type", "default", "range", "doc"):
         table.add_column(col, overflow="fold")
     for row in describe(name):
-        table.add_row(*row.values())
+        table.add_row(*(escape(v) for v in row.values()))  # "dict[str, float]" is not markup
     return table

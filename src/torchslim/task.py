@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .errors import TaskError
-from .utils import batch_size_of, model_device, to_device
+from .utils import batch_size_of, eval_mode, model_device, to_device
 
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
 
@@ -113,18 +113,14 @@ class Task:
         self, model: nn.Module, split: str = "test", max_batches: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         device = model_device(model)
-        was_training = model.training
-        model.eval()
         outs, tgts = [], []
-        try:
+        with eval_mode(model):
             for i, (inputs, targets) in enumerate(self.split(split)):
                 if max_batches is not None and i >= max_batches:
                     break
                 out = call_model(model, to_device(inputs, device))
                 outs.append(as_tensor(out).float().cpu())
                 tgts.append(targets.cpu())
-        finally:
-            model.train(was_training)
         return torch.cat(outs), torch.cat(tgts)
 
     def evaluate(self, model: nn.Module, split: str = "test") -> float:
@@ -145,10 +141,8 @@ class Task:
         n = min(4, batch_size_of(inputs))
         inputs, targets = resize_batch(inputs, n), targets[:n]
         device = model_device(model)
-        was_training = model.training
-        model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(model):
                 out = as_tensor(call_model(model, to_device(inputs, device))).float().cpu()
                 if self.num_classes is not None and out.ndim == 2 and out.shape[1] != self.num_classes:
                     raise TaskError(
@@ -165,8 +159,6 @@ class Task:
                 f"model does not fit task {self.name!r} (inputs {_describe(inputs)}, targets "
                 f"{tuple(targets.shape)}): {type(exc).__name__}: {first}"
             ) from None
-        finally:
-            model.train(was_training)
 
 
 def load_callable(spec: str, what: str) -> Callable[..., Any]:

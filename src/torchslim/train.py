@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from . import distributed
+from .bounds import bounded, count, seed_field
+from .config_base import config
 from .errors import check
 from .task import Task
 from .train_loop import (  # noqa: F401 - TrainingError and penalty are part of this module's API
@@ -48,7 +50,11 @@ class Hook(Protocol):
     def after_step(self, model: nn.Module, step: int) -> None: ...
 
 
-@dataclass
+MAX_EPOCHS = 100_000
+MAX_STEPS = 10**9
+
+
+@config(stage="train")
 class TrainConfig:
     """How to train. Names are torch class names, kwargs go to their constructors.
 
@@ -68,40 +74,32 @@ class TrainConfig:
         (per-rank batch = global / N) and lr is not rescaled: see ``torchslim.distributed``.
     """
 
-    epochs: int = 10
-    max_steps: int | None = None
-    lr: float = 1e-3
+    epochs: int = count(10, 0, MAX_EPOCHS)
+    max_steps: int | None = count(None, 0, MAX_STEPS, optional=True)
+    lr: float = bounded(1e-3, 0.0, 10.0, low_open=True)
     optimizer: str = "Adam"
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
     scheduler: str | None = None
     scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
-    l1: float = 0.0
-    l2: float = 0.0
-    grad_clip: float | None = None
+    l1: float = bounded(0.0, 0.0, 1.0)
+    l2: float = bounded(0.0, 0.0, 1.0)
+    grad_clip: float | None = bounded(None, 0.0, 1e6, low_open=True)
     amp: bool = False
-    early_stopping_patience: int | None = None
-    seed: int = 0
+    early_stopping_patience: int | None = count(None, 1, MAX_EPOCHS, optional=True)
+    seed: int = seed_field()
     device: str | None = None
     checkpoint_dir: str | None = None
     resume: bool = False
-    progress: bool = False
+    progress: bool | None = None  # None: auto (bars in a terminal, off in files/pipes/pytest; torchslim.progress)
     distributed: str = "ddp"
 
     def __post_init__(self) -> None:
-        # bounds on both sides: a budget of 1e9 epochs hangs, lr=inf validates and dies later
-        _int(self.epochs, "epochs", 0, MAX_EPOCHS)
-        self.max_steps is None or _int(self.max_steps, "max_steps", 0, MAX_STEPS)
-        _num(self.lr, "lr", 0.0, 10.0, low_open=True)
+        # bounds on both sides (declared on the fields, checked by the config contract)
         check(isinstance(self.optimizer, str) and hasattr(torch.optim, self.optimizer) and self.optimizer[0].isupper(),
               "TrainConfig.optimizer", f"unknown torch.optim optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
         check(self.scheduler is None or (isinstance(self.scheduler, str) and hasattr(torch.optim.lr_scheduler, self.scheduler)
                                          and self.scheduler[0].isupper()), "TrainConfig.scheduler",
               f"unknown torch.optim.lr_scheduler {self.scheduler!r}; e.g. StepLR, ExponentialLR, CosineAnnealingLR, ReduceLROnPlateau")
-        _num(self.l1, "l1", 0.0, 1.0)
-        _num(self.l2, "l2", 0.0, 1.0)
-        self.grad_clip is None or _num(self.grad_clip, "grad_clip", 0.0, 1e6, low_open=True)
-        self.early_stopping_patience is None or _int(self.early_stopping_patience, "early_stopping_patience", 1, MAX_EPOCHS)
-        _int(self.seed, "seed", 0, 2**63 - 1)
         _kwargs(self.optimizer_kwargs, "optimizer_kwargs", getattr(torch.optim, self.optimizer), skip=("params", "lr"))
         if self.scheduler is not None:
             _kwargs(self.scheduler_kwargs, "scheduler_kwargs", getattr(torch.optim.lr_scheduler, self.scheduler),
@@ -118,24 +116,6 @@ class TrainConfig:
                                                  ("l1", self.l1 != 0), ("l2", self.l2 != 0), ("amp", self.amp)) if on]
             check(not unsupported, "TrainConfig.distributed",
                   f"'fsdp' does not support {', '.join(unsupported)} yet; drop it or use distributed: ddp")
-
-
-MAX_EPOCHS = 100_000
-MAX_STEPS = 10**9
-
-
-def _int(value: Any, name: str, low: int, high: int) -> bool:
-    ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-    check(ok, f"TrainConfig.{name}", f"must be an integer in [{low}, {high}], got {value!r}")
-    return True
-
-
-def _num(value: Any, name: str, low: float, high: float, low_open: bool = False) -> bool:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and value <= high
-    bracket = "(" if low_open else "["
-    check(ok, f"TrainConfig.{name}", f"must be a finite number in {bracket}{low:g}, {high:g}], got {value!r}")
-    return True
 
 
 def check_ctor_kwargs(kwargs: Any, field: str, cls: type, skip: tuple[str, ...]) -> None:
@@ -251,7 +231,7 @@ def fit(
         resumed_from = load_checkpoint(ckpt, model_, opt, sched, scaler, loader, state)
     stopped_early = False
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * len(loader)
-    progress = progress_bar(cfg.progress and par.writes, total_steps, state["step"])
+    progress = progress_bar(cfg.progress, total_steps, state, cfg.epochs, task.metric_name)  # rank 0 only
     while state["epoch"] < cfg.epochs and (cfg.max_steps is None or state["step"] < cfg.max_steps):
         net.train()
         losses = []

@@ -141,21 +141,22 @@ def loader_generator(loader) -> torch.Generator | None:
     return getattr(sampler, "generator", None) or getattr(loader, "generator", None)
 
 
-def progress_bar(enabled: bool, total: int, done: int) -> Callable[[int | None], None]:
-    """A rich progress bar when enabled; returns advance(n) and advance(None) to close."""
-    if not enabled:
-        return lambda n: None
-    from rich.progress import Progress
+def progress_bar(setting: bool | None, total: int, state: dict, epochs: int,
+                 metric_name: str = "metric") -> Callable[[int | None], None]:
+    """fit's bar (``torchslim.progress``: auto on in a terminal, rank 0 only): steps done of
+    ``total``, the epoch running, and the last finished epoch's loss and val metric, read from
+    fit's ``state``. Returns advance(n), and advance(None) to close."""
+    from . import progress
 
-    bar = Progress(transient=True)
-    bar.start()
-    tid = bar.add_task("training", total=total, completed=done)
+    bar = progress.bar("training", total, setting=setting, completed=state["step"])
 
     def advance(n: int | None) -> None:
         if n is None:
-            bar.stop()
-        else:
-            bar.advance(tid, n)
+            bar.close()
+            return
+        last = state["history"][-1] if state["history"] else {}
+        bar.advance(n, epoch=f"{min(state['epoch'] + 1, epochs)}/{epochs}", loss=last.get("train_loss"),
+                    **{f"val {metric_name}": last.get("val_metric")})
 
     return advance
 

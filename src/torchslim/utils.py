@@ -95,6 +95,45 @@ def console():
 
 
 @contextlib.contextmanager
+def eval_mode(model: torch.nn.Module, training: bool = False):
+    """Run the block with ``model.train(training)`` (eval by default), then give the model back
+    its own mode, whatever happened in it. torch has no such context manager (``torch.no_grad``
+    is about autograd, not the module mode), and the save/restore was written by hand in 20 places."""
+    was = model.training
+    model.train(training)
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
+def jsonable(obj: Any) -> Any:
+    """obj as plain JSON data: dataclasses as dicts, tuples as lists, non-finite floats as None
+    (JSON has no inf/NaN), one-element tensors as numbers, modules and other objects by name."""
+    import dataclasses
+    import math
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        try:
+            return jsonable({f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
+        except Exception:  # noqa: BLE001 - a dataclass holding something unreadable
+            return repr(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return jsonable(obj.item())
+    if isinstance(obj, torch.nn.Module):
+        return f"<{type(obj).__name__}>"
+    return repr(obj)
+
+
+@contextlib.contextmanager
 def removing(handles):
     """Run the block, then remove the given hook handles, whatever happened in it."""
     try:

@@ -60,10 +60,11 @@ def _is_digits(r: dict) -> bool:
 
 def _stage_fields() -> dict[str, dict[str, object]]:
     """technique -> {field: type hint}, from the registered config dataclasses."""
-    from torchslim.recipe import _hints
+    import typing
+
     from torchslim.stage import stage_names
 
-    return {n: {f.name: _hints(c).get(f.name) for f in dataclasses.fields(c) if f.init}
+    return {n: {f.name: typing.get_type_hints(c).get(f.name) for f in dataclasses.fields(c) if f.init}
             for n, c in stage_names().items()}
 
 
@@ -123,7 +124,7 @@ STAGE_BAD = [
     ({"prune": {"sparsity": 0.5}, "finetune": 3}, "finetune a number"),
     ({"share": {"bits": 0}}, "0-bit sharing"), ({"share": {"bits": 64}}, "64-bit sharing"),
     ({"quantize": {"bits": 3.5}}, "fractional bits"), ({"quantize": {"bits": 1}}, "1-bit quantization"),
-    ({"lowrank": {"ratio": 0}}, "rank ratio 0"), ({"lowrank": {"ratio": 1.5}}, "rank ratio > 1"),
+    ({"lowrank": {"params_keep": 0}}, "rank ratio 0"), ({"lowrank": {"params_keep": 1.5}}, "rank ratio > 1"),
     ({"nm": {"n": 4, "m": 2}}, "n > m"), ({"nm": {"n": 0, "m": 4}}, "n = 0"),
     ({"structured_prune": {"macs_keep": 0}}, "keep 0 MACs"), ({"structured_prune": {"macs_keep": 1.5}}, "keep 150% MACs"),
     ({"train": {"epochs": 10**9}}, "10**9 epochs"), ({"train": {"optimizer": "os.system"}}, "optimizer not in torch.optim"),

@@ -47,11 +47,11 @@ QUANT_SKIP = ("head",)
 
 def _quant_cfg(backend: str, model_name: str) -> ts.QuantConfig:
     """int8 static, 2 calibration batches. The config-edge model (``mlp_config_edges``) keeps its
-    head float (QuantConfig.skip) and calibrates on its whole train split, whose last batch is
+    head float (QuantConfig.layers.exclude) and calibrates on its whole train split, whose last batch is
     smaller (8, 8, 4); the cell checks that the head stays float."""
     if model_name == "mlp_config_edges":
-        return ts.QuantConfig(backend=backend, calibration_batches=3, skip=QUANT_SKIP)
-    return ts.QuantConfig(backend=backend, calibration_batches=2)
+        return ts.QuantConfig(backend=backend, batches=3, layers={"exclude": QUANT_SKIP})
+    return ts.QuantConfig(backend=backend, batches=2)
 
 
 def _check_quant(ctx: Ctx, out: Any) -> str:
@@ -65,7 +65,7 @@ def _check_quant(ctx: Ctx, out: Any) -> str:
         raise CellError(f"int8 output error {err:.3f} > bound {INT8_BOUND}")
     info = ctx.result.info
     floats = set(info.get("float_layers", {}))
-    pats = tuple(getattr(ctx.cfg, "skip", ()))
+    pats = tuple(ctx.cfg.layers.exclude) if hasattr(ctx.cfg, "layers") else ()
     skip = {n for n in candidate_layers(ctx.ref) if any(fnmatch.fnmatchcase(n, p) for p in pats)}
     backend = info.get("backend", "simulate")
     model = ctx.result.model
@@ -74,7 +74,7 @@ def _check_quant(ctx: Ctx, out: Any) -> str:
 
         handled = {n for n, m in model.named_modules() if isinstance(m, FakeQuantLayer)}
         if handled & skip:
-            raise CellError(f"QuantConfig.skip ignored (simulate): {', '.join(sorted(handled & skip))} quantized")
+            raise CellError(f"QuantConfig.layers.exclude ignored (simulate): {', '.join(sorted(handled & skip))} quantized")
         check_skips(ctx, handled, floats | skip, "int8 (simulate)")
     elif backend == "torchao":
         handled = set()
@@ -85,13 +85,13 @@ def _check_quant(ctx: Ctx, out: Any) -> str:
                 if cls is not torch.Tensor:
                     handled.add(n)
         if handled & skip:
-            raise CellError(f"QuantConfig.skip ignored by torchao: {', '.join(sorted(handled & skip))} quantized")
+            raise CellError(f"QuantConfig.layers.exclude ignored by torchao: {', '.join(sorted(handled & skip))} quantized")
         check_skips(ctx, handled, floats | skip, "int8 (torchao)")
         n_claim = info.get("quantized_layers")
         if n_claim is not None and n_claim != len(handled):
             raise CellError(f"torchao claims {n_claim} quantized layers, {len(handled)} carry int8 weights")
     elif backend == "onnxruntime" and skip and not info.get("excluded_nodes"):
-        raise CellError(f"QuantConfig.skip ignored by ONNX Runtime: {', '.join(sorted(skip))} "
+        raise CellError(f"QuantConfig.layers.exclude ignored by ONNX Runtime: {', '.join(sorted(skip))} "
                         "matched, no node excluded")
     return f"{backend}, rel. error {err:.3f}" + (f", float: {', '.join(sorted(skip))}" if skip else "")
 
@@ -202,7 +202,7 @@ def _check_share(ctx: Ctx, out: Any) -> str:
 def _run_lowrank(ctx: Ctx):
     # min_saved_macs 0: the cell checks the factorization (error, ties, MACs) on tiny models,
     # whose layers the default MAC rule keeps whole (tests/test_lowrank.py covers the rule)
-    ctx.cfg = ts.LowRankConfig(ratio=0.5, min_saved_macs=0)
+    ctx.cfg = ts.LowRankConfig(params_keep=0.5, min_saved_macs=0)
     return ts.factorize(ctx.model, ctx.cfg, ctx.task)
 
 
@@ -241,7 +241,7 @@ def _check_lowrank(ctx: Ctx, out: Any) -> str:
 
 
 def _run_distill(ctx: Ctx):
-    ctx.cfg = ts.DistillConfig(teacher=copy.deepcopy(ctx.ref), train=ts.TrainConfig(epochs=1, max_steps=2))
+    ctx.cfg = ts.DistillConfig(teacher=copy.deepcopy(ctx.ref), finetune=ts.TrainConfig(epochs=1, max_steps=2))
     return ts.distill(ctx.model, ctx.cfg, ctx.task)
 
 

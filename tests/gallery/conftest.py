@@ -132,7 +132,7 @@ def write_table(gallery, techniques, seconds: float) -> None:
         "detection ops (nms, roi_align) are not available and not tested."),
         ("- The technique configs are CI-sized: no fine-tuning, 2 calibration batches, 2 training steps, "
         "k-means capped at 20 iterations; `quantize_auto` picks the best real backend or refuses. "
-         "`mlp_config_edges` alone runs int8 with `QuantConfig.skip=('head',)` and a smaller last "
+         "`mlp_config_edges` alone runs int8 with `QuantConfig(layers={exclude: ['head']})` and a smaller last "
          "calibration batch, so those two config findings show in one row and do not mask the others."),
         "",
     ]

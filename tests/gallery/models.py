@@ -279,7 +279,7 @@ def _entries() -> list[Entry]:
               "MLP whose first layer is Linear(1, 64)"),
         Entry("mlp_config_edges", lambda: (_EdgeMLP(),
                                            make_task("mlp_config_edges", _vec(), (), CLASSES, n_train=20)),
-              "plain MLP; config edges: QuantConfig.skip=('head',), last calibration batch smaller (8, 8, 4)"),
+              "plain MLP; config edges: QuantConfig(layers={exclude: ['head']}), last calibration batch smaller (8, 8, 4)"),
         Entry("dict_inputs", _simple(DictIn, _dict_in, name="dict_inputs"), "forward(a, b): a batch's inputs are a dict"),
     ]
 

@@ -19,7 +19,6 @@ import os
 import re
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,9 @@ import torch
 from torch import nn
 
 from ..bounds import bounded, check_bounds
+from ..config_base import config
 from ..errors import ExportError, check
-from ..utils import atomic_write
+from ..utils import atomic_write, eval_mode
 from .digest import stamp_onnx_bytes, stamp_onnx_model
 from .outputs import OutputSpec, flatten, output_spec
 
@@ -37,7 +37,7 @@ EXPORTERS = ("torchscript", "dynamo", "auto")
 
 
 
-@dataclass
+@config
 class OnnxExportConfig:
     """How to export. dynamic_batch: batch dim is symbolic; dynamic_seq: for dict (token)
     inputs the second dim is symbolic too; atol/rtol: verification tolerance vs PyTorch."""
@@ -106,11 +106,8 @@ def export_onnx(
 ) -> Path:
     """Export model to one ``.onnx`` file at path, verified in ONNX Runtime; return the path."""
     cfg = config or OnnxExportConfig(opset=opset, dynamic_batch=dynamic_batch)
-    was_training = model.training
-    try:
-        return _export_checked(model.eval(), example_inputs, Path(path), cfg)
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        return _export_checked(model, example_inputs, Path(path), cfg)
 
 
 def _export_checked(model: nn.Module, example_inputs: Any, path: Path, cfg: OnnxExportConfig) -> Path:

@@ -10,14 +10,15 @@ a ``setattr``.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..bounds import bounded, check_bounds
+from ..config_base import config
 from ..errors import ConfigError, check
+from ..selection import Layers, layers_field
 from ..stage import StageResult, register_stage
 from ..task import Task, as_tensor, call_model
 from ..utils import model_device, removing, to_device
@@ -39,17 +40,18 @@ class Bypass(nn.Module):
         return f"removed={self.removed!r}"
 
 
-@dataclass
+@config(renamed={"candidates": "layers: [...] (the blocks to consider)"})
 class LayerDropConfig:
-    """layers: names of blocks to remove (as in ``model.named_modules()``), or give
+    """drop: names of blocks to remove (as in ``model.named_modules()``), or give
     count: how many of the least important candidate blocks to remove. Candidates are the
-    shape-preserving items of the model's nn.Sequential / nn.ModuleList containers, or
-    ``candidates`` if given. criterion: "metric" (metric drop on ``split``) or "output"
+    shape-preserving items of the model's nn.Sequential / nn.ModuleList containers that
+    ``layers`` selects (a LayerSelection: glob patterns over those block names; exact names
+    may name any module). criterion: "metric" (metric drop on ``split``) or "output"
     (relative L2 change of the outputs on ``batches`` batches of ``split``)."""
 
-    layers: tuple[str, ...] = ()
+    drop: tuple[str, ...] = ()
     count: int = bounded(0, 0, 100_000, integer=True)
-    candidates: tuple[str, ...] = ()
+    layers: Layers = layers_field()
     criterion: str = "output"
     split: str = "val"
     batches: int = bounded(4, 1, 100_000, integer=True)
@@ -57,11 +59,11 @@ class LayerDropConfig:
     def __post_init__(self) -> None:
         check_bounds(self)
         f = "LayerDropConfig"
-        self.layers, self.candidates = tuple(self.layers), tuple(self.candidates)
-        check(all(isinstance(n, str) and n for n in self.layers + self.candidates), f"{f}.layers",
-              "layer names must be non-empty strings")
+        check(all(isinstance(n, str) and n for n in self.drop), f"{f}.drop", "block names must be non-empty strings")
         check(isinstance(self.count, int) and self.count >= 0, f"{f}.count", f"must be an integer >= 0, got {self.count!r}")
-        check(bool(self.layers) != (self.count > 0), f"{f}.layers", "give either layers (names) or count > 0, not both or neither")
+        check(bool(self.drop) != (self.count > 0), f"{f}.drop",
+              "give either drop (the block names to remove; before issue 11 this was `layers`) or count > 0, "
+              "not both or neither")
         check(self.criterion in CRITERIA, f"{f}.criterion", f"unknown criterion {self.criterion!r}; use one of {', '.join(CRITERIA)}")
         check(self.split in ("train", "val", "test"), f"{f}.split", f"must be train, val or test, got {self.split!r}")
         check(isinstance(self.batches, int) and self.batches >= 1, f"{f}.batches", f"must be an integer >= 1, got {self.batches!r}")
@@ -91,6 +93,16 @@ def default_candidates(model: nn.Module) -> list[str]:
         if isinstance(mod, (nn.Sequential, nn.ModuleList)):
             out += [f"{name}.{k}" if name else k for k, _ in mod.named_children()]
     return out
+
+
+def _candidates(model: nn.Module, cfg: LayerDropConfig) -> list[str]:
+    """The blocks ``cfg.layers`` selects: exact names as given, else the default candidates
+    (the items of nn.Sequential / nn.ModuleList containers) that its patterns match."""
+    inc = cfg.layers.include
+    if inc != ("*",) and not any(c in p for p in inc for c in "*?["):
+        return [n for n in inc if cfg.layers.named(n)]
+    mods = dict(model.named_modules())
+    return [n for n in default_candidates(model) if cfg.layers.matches(n, mods[n])]
 
 
 def removable(model: nn.Module, names: list[str], inputs: Any) -> dict[str, str | None]:
@@ -174,16 +186,17 @@ def drop_layers(model: nn.Module, cfg: LayerDropConfig, task: Task) -> tuple[nn.
     model = copy.deepcopy(model)
     inputs = to_device(task.example_inputs(batch_size=2), model_device(model))
     known = dict(model.named_modules())
-    asked = list(cfg.layers or cfg.candidates) or default_candidates(model)
+    asked = list(cfg.drop) or _candidates(model, cfg)
     missing = [n for n in asked if n not in known]
     if missing:
-        raise ConfigError(f"LayerDropConfig.layers: no module named {missing[0]!r} in the model")
+        field = "drop" if cfg.drop else "layers"
+        raise ConfigError(f"LayerDropConfig.{field}: no module named {missing[0]!r} in the model")
     why = removable(model, asked, inputs)
-    if cfg.layers:
-        bad = [n for n in cfg.layers if why[n] is not None]
+    if cfg.drop:
+        bad = [n for n in cfg.drop if why[n] is not None]
         if bad:
-            raise ConfigError(f"LayerDropConfig.layers: cannot remove {bad[0]!r}: {why[bad[0]]}")
-        chosen, scores = list(cfg.layers), {}
+            raise ConfigError(f"LayerDropConfig.drop: cannot remove {bad[0]!r}: {why[bad[0]]}")
+        chosen, scores = list(cfg.drop), {}
     else:
         ok = [n for n in asked if why[n] is None]
         check(len(ok) >= cfg.count, "LayerDropConfig.count",

@@ -9,39 +9,38 @@ On CUDA with 2:4, Linear weights are converted with ``torch.sparse.to_sparse_sem
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..bounds import bounded, check_bounds, count, seed_field
+from ..config_base import config
 from ..errors import check
 from ..export.sparse import save_sparse
+from ..selection import Layers, layers_field
 from ..stage import StageResult, register_stage
 from ..task import Task
 from ..train import TrainConfig
 from .importance import CRITERIA, score_params
 from .masks import attach_masks, layer_records, masks_of, sparsity_of
 from .schedule import finetune
-from .unstructured import DEFAULT_TYPES, PruneConfig, select_layers
+from .unstructured import RENAMED_LAYERS, PruneConfig, select_layers
 
 
-@dataclass
+@config(renamed={**RENAMED_LAYERS, "taylor_batches": "batches"}, stage="nm")
 class NMConfig:
     """n, m: keep n of every m weights along the input dimension (0 < n <= m).
-    criterion / layer_types / include / exclude: as in PruneConfig. finetune: optional budget.
+    criterion / layers / batches: as in PruneConfig. finetune: optional budget.
     accelerate: on CUDA, convert 2:4 Linear weights to semi-structured sparse tensors."""
 
     n: int = bounded(2, 1, 64, integer=True)
     m: int = bounded(4, 1, 64, integer=True)
     criterion: str = "magnitude"
-    layer_types: tuple[str, ...] = DEFAULT_TYPES
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = ()
+    layers: Layers = layers_field()
     finetune: TrainConfig | None = None
     accelerate: bool = True
-    taylor_batches: int = count(4, 1, 100_000)
+    batches: int = count(4, 1, 100_000)
     seed: int = seed_field()
 
     def __post_init__(self) -> None:
@@ -53,7 +52,6 @@ class NMConfig:
               f"need 0 < N <= M, got N={self.n!r}, M={self.m!r} (e.g. n=2, m=4)")
         check(self.criterion in CRITERIA, "NMConfig.criterion",
               f"unknown criterion {self.criterion!r}; use one of {', '.join(sorted(CRITERIA))}")
-        check(len(self.layer_types) > 0 and len(self.include) > 0, "NMConfig.layer_types", "must not be empty")
 
 
 def _to_groups(t: torch.Tensor) -> torch.Tensor:
@@ -101,7 +99,7 @@ def _accelerate(model: nn.Module, names: list[str], cfg: NMConfig) -> tuple[list
 
 def prune_nm(model: nn.Module, cfg: NMConfig, task: Task) -> tuple[nn.Module, dict[str, Any]]:
     """Apply N:M masks in place (layers whose input size is not a multiple of M are skipped)."""
-    sel = PruneConfig(sparsity=0.0, layer_types=cfg.layer_types, include=cfg.include, exclude=cfg.exclude)
+    sel = PruneConfig(sparsity=0.0, layers=cfg.layers)
     names, skipped = select_layers(model, sel)
     params = dict(model.named_parameters())
     bad = [n for n in names if params[n].shape[1] % cfg.m]
@@ -109,7 +107,7 @@ def prune_nm(model: nn.Module, cfg: NMConfig, task: Task) -> tuple[nn.Module, di
     names = [n for n in names if n not in bad]
     if skipped:
         warnings.warn(f"N:M pruning skipped layers it cannot handle: {', '.join(skipped)}", stacklevel=2)
-    scores = score_params(model, names, cfg.criterion, task, batches=cfg.taylor_batches, seed=cfg.seed)
+    scores = score_params(model, names, cfg.criterion, task, batches=cfg.batches, seed=cfg.seed)
     attach_masks(model, {n: nm_mask(s, cfg.n, cfg.m) for n, s in scores.items()})
     result = finetune(model, task, cfg.finetune)
     info: dict[str, Any] = {"pattern": f"{cfg.n}:{cfg.m}", "skipped": skipped, "fit": [result.to_dict()] if result else [],

@@ -9,13 +9,13 @@ validation loss really went down (else the next chunk of candidates is tried).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..bounds import bounded, check_bounds, count, fraction, seed_field
+from ..config_base import config
 from ..errors import check
 from ..task import Task, call_model
 from ..train import TrainConfig
@@ -26,7 +26,7 @@ from .schedule import finetune
 METHODS = ("finetune", "random", "greedy")
 
 
-@dataclass
+@config
 class RecoveryConfig:
     """method: "finetune" (train with masks kept), "random" or "greedy" regrowth (each round
         optionally followed by ``finetune``).

@@ -49,7 +49,7 @@ def _targets(cfg: PruneConfig, names: list[str], sparsity: float) -> float | dic
 def prune_to(model: nn.Module, task: Task | None, names: list[str], cfg: PruneConfig, sparsity: float,
              grads: dict[str, torch.Tensor] | None = None) -> None:
     """Score the named weights and mask the lowest so that the target sparsity holds."""
-    scores = score_params(model, names, cfg.criterion, task, grads=grads, batches=cfg.taylor_batches, seed=cfg.seed)
+    scores = score_params(model, names, cfg.criterion, task, grads=grads, batches=cfg.batches, seed=cfg.seed)
     current = {n: m for n, m in masks_of(model).items() if n in scores}
     scope = "layer" if cfg.per_layer else cfg.scope
     attach_masks(model, masks_for_sparsity(scores, _targets(cfg, names, sparsity), scope, current))
@@ -73,7 +73,9 @@ def iterative(model: nn.Module, task: Task, names: list[str], cfg: PruneConfig) 
     (kept fraction (1 - s)^(r/k)) and gets 1/k of the fine-tune steps."""
     fits, rounds = [], []
     budget = total_steps(task, cfg.finetune) if cfg.finetune else 0
-    for r in range(1, cfg.iterations + 1):
+    from ..progress import track
+
+    for r in track(range(1, cfg.iterations + 1), "pruning rounds", total=cfg.iterations):
         s = 1.0 - (1.0 - cfg.sparsity) ** (r / cfg.iterations)
         prune_to(model, task, names, cfg, s)
         steps = budget // cfg.iterations
@@ -109,6 +111,9 @@ class GradualPruner:
             s = self.sparsity_at(step)
             prune_to(model, None, self.names, self.cfg, s, grads=grads or None)
             self.log.append((step, s))
+            from ..progress import note
+
+            note(f"sparsity {s:.0%} (pruning update {(step - self.t0) // self.dt}/{self.n})")
         else:
             MaskKeeper().after_step(model, step)
 

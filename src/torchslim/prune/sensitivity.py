@@ -36,7 +36,7 @@ def sensitivity(model: nn.Module, task: Task, sparsities: Sequence[float] = (0.5
           f"need a non-empty list of values in [0, 1), got {list(sparsities)}")
     names, _ = select_layers(model, cfg)
     base = task.evaluate(model, split)
-    scores = score_params(model, names, cfg.criterion, task, batches=cfg.taylor_batches, seed=cfg.seed)
+    scores = score_params(model, names, cfg.criterion, task, batches=cfg.batches, seed=cfg.seed)
     params = dict(model.named_parameters())
     rows = []
     for name in names:

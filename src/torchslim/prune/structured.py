@@ -10,15 +10,17 @@ are never pruned; layers that cannot be resized safely are skipped with a warnin
 from __future__ import annotations
 
 import copy
+import fnmatch
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..bounds import check_bounds, count, fraction, seed_field
+from ..config_base import config
 from ..errors import check
+from ..selection import Layers, layers_field
 from ..stage import StageResult, register_stage, training_hooks
 from ..task import Task, call_model
 from ..train import TrainConfig, fit
@@ -37,19 +39,21 @@ CRITERIA = {
 ALLOCATIONS = ("uniform", "global")
 
 
-@dataclass
+@config(renamed={"ignore": "layers: {exclude: [...]}", "taylor_batches": "batches"})
 class StructuredPruneConfig:
     """How to shrink a model structurally.
 
     macs_keep: fraction of the model's MACs to keep (0, 1]; or set it to None and give
         channel_keep: fraction of each prunable layer's output channels to keep (0, 1].
     criterion: group score of a channel: "l1" / "l2" (norm over all coupled weights), "bn_scale"
-        (|gamma| of the coupled BatchNorms), "taylor" (|w * dL/dw| on taylor_batches train
+        (|gamma| of the coupled BatchNorms), "taylor" (|w * dL/dw| on ``batches`` train
         batches), "random" (a control).
     allocation: "uniform" (the same share of every layer) or "global" (one threshold on scores
         normalised by each group's mean; no layer loses more than max_layer_prune).
     steps: rounds of prune -> fine-tune (the target is approached linearly).
-    ignore: module names (as in ``model.named_modules()``) whose outputs are left untouched.
+    layers: which modules' outputs may be pruned (a LayerSelection: include / exclude globs on
+        ``model.named_modules()`` names; a module it does not select is left untouched, with
+        everything inside it); the classifier's outputs are never pruned.
     round_to: keep channel counts multiples of this (SIMD-friendly widths), or None.
     finetune: TrainConfig run after every step (its epochs/max_steps is the per-step budget).
     """
@@ -59,11 +63,11 @@ class StructuredPruneConfig:
     criterion: str = "l2"
     allocation: str = "uniform"
     steps: int = count(1, 1, 1000)
-    ignore: tuple[str, ...] = ()
+    layers: Layers = layers_field()
     round_to: int | None = count(None, 1, 4096, optional=True)
     max_layer_prune: float = fraction(0.9, low_open=True, high_open=True)
     finetune: TrainConfig | None = None
-    taylor_batches: int = count(4, 1, 100_000)
+    batches: int = count(4, 1, 100_000)
     seed: int = seed_field()
 
     def __post_init__(self) -> None:
@@ -80,16 +84,23 @@ class StructuredPruneConfig:
         check(self.allocation in ALLOCATIONS, f"{f}.allocation",
               f"unknown allocation {self.allocation!r}; use one of {', '.join(ALLOCATIONS)}")
         check(isinstance(self.steps, int) and self.steps >= 1, f"{f}.steps", f"must be an integer >= 1, got {self.steps!r}")
-        check(isinstance(self.ignore, (tuple, list)) and all(isinstance(n, str) for n in self.ignore),
-              f"{f}.ignore", "must be a list of module names")
-        self.ignore = tuple(self.ignore)
         check(self.round_to is None or (isinstance(self.round_to, int) and self.round_to >= 1),
               f"{f}.round_to", f"must be an integer >= 1 or None, got {self.round_to!r}")
         check(0 < self.max_layer_prune < 1, f"{f}.max_layer_prune", f"must be in (0, 1), got {self.max_layer_prune!r}")
         check(self.finetune is None or isinstance(self.finetune, TrainConfig), f"{f}.finetune",
               "must be a torchslim.TrainConfig or None")
-        check(isinstance(self.taylor_batches, int) and self.taylor_batches >= 1, f"{f}.taylor_batches",
-              f"must be an integer >= 1, got {self.taylor_batches!r}")
+        check(isinstance(self.batches, int) and self.batches >= 1, f"{f}.batches",
+              f"must be an integer >= 1, got {self.batches!r}")
+
+
+def unselected(model: nn.Module, cfg: StructuredPruneConfig) -> list[nn.Module]:
+    """The outermost modules ``cfg.layers`` does not select (Torch-Pruning ignores what is inside)."""
+    out, names = [], []
+    for n, m in model.named_modules():
+        if n and not cfg.layers.matches(n, m) and not any(n.startswith(p + ".") for p in names):
+            out.append(m)
+            names.append(n)
+    return out
 
 
 def count_macs(model: nn.Module, inputs: Any) -> int:
@@ -142,7 +153,7 @@ def channel_scores(model: nn.Module, groups: dict[str, Any], cfg: StructuredPrun
     """A score per output channel of every group (higher = keep), mean-normalised per group."""
     torch.manual_seed(cfg.seed)
     if cfg.criterion == "taylor":
-        _accumulate_taylor_grads(model, task, cfg.taylor_batches)
+        _accumulate_taylor_grads(model, task, cfg.batches)
     imp = CRITERIA[cfg.criterion]()
     scores = {}
     for root, group in groups.items():
@@ -245,8 +256,8 @@ def prune_structured(model: nn.Module, cfg: StructuredPruneConfig, task: Task) -
     # statistics are not updated by them (results must not depend on the mode the model came in)
     model.eval()
     names = dict(model.named_modules())
-    unknown = [n for n in cfg.ignore if n not in names]
-    check(not unknown, "StructuredPruneConfig.ignore", f"no module named {unknown[:1]} in the model")
+    unknown = [p for p in cfg.layers.exclude if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    check(not unknown, "StructuredPruneConfig.layers.exclude", f"no module matches {unknown[:1]} in the model")
     base_macs, base_widths = count_macs(model, example), graph.layer_widths(model)
     base_layer_macs = layer_macs(model, example)
     base_params = sum(p.numel() for p in model.parameters())
@@ -256,10 +267,10 @@ def prune_structured(model: nn.Module, cfg: StructuredPruneConfig, task: Task) -
     for step in range(1, cfg.steps + 1):
         example = to_device(example, model_device(model))
         head = graph.classifier_layer(model, example)
-        ignored = [m for m in (head,) if m is not None] + [model.get_submodule(n) for n in cfg.ignore]
+        ignored = [m for m in (head,) if m is not None] + unselected(model, cfg)
         dg = graph.build_graph(model, example)
         groups, skipped = graph.safe_groups(model, dg, ignored, warn=step == 1)
-        check(bool(groups), "StructuredPruneConfig.ignore",
+        check(bool(groups), "StructuredPruneConfig.layers",
               "no prunable layer is left (all ignored, unsupported, or only the classifier)")
         scores = channel_scores(model, groups, cfg, task)
         if cfg.macs_keep is not None:

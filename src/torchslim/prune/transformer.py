@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..bounds import check_bounds, count, fraction
+from ..config_base import config
 from ..errors import check
 from ..stage import StageResult, register_stage
 from ..task import Task, call_model
@@ -33,7 +34,7 @@ from ..utils import model_device, to_device
 CRITERIA = ("activation", "taylor", "magnitude")
 
 
-@dataclass
+@config
 class TransformerPruneConfig:
     """heads_prune / ffn_prune: fraction in [0, 1) of all attention heads / FFN neurons to remove
     (at least one head and one neuron stay in every layer). allocation "global" ranks units of all

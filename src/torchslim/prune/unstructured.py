@@ -7,17 +7,17 @@ form (``StageResult.save``) is the sparse file of export/sparse.py, so the bytes
 
 from __future__ import annotations
 
-import fnmatch
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..bounds import bounded, check_bounds, count, fraction, seed_field
+from ..config_base import config
 from ..errors import ConfigError, check
 from ..export.sparse import save_sparse
+from ..selection import PRUNABLE, Layers, layers_field
 from ..stage import StageResult, register_stage
 from ..task import Task
 from ..train import TrainConfig, fit
@@ -28,18 +28,21 @@ from .regrow import RecoveryConfig, recover
 
 SCHEDULES = ("oneshot", "iterative", "gradual", "l1")
 SCOPES = ("global", "layer")
-DEFAULT_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+DEFAULT_TYPES = PRUNABLE  # the kinds pruned when layers.types is not given
+RENAMED_LAYERS = {"layer_types": "layers: {types: [...]}", "include": "layers: {include: [...]}",
+                  "exclude": "layers: {exclude: [...]}"}
 
 
-@dataclass
+@config(renamed={**RENAMED_LAYERS, "taylor_batches": "batches"})
 class PruneConfig:
     """sparsity: fraction of the selected weights set to zero, in [0, 1).
     criterion: a name in importance.CRITERIA (magnitude, l1, l2, taylor, random).
     scope: "global" (one threshold over all selected layers) or "layer" (each layer alone);
         per_layer ({layer name: sparsity}, e.g. from sensitivity.allocate) overrides both;
         selected layers it does not name get ``sparsity`` (which must then be > 0).
-    layer_types / include / exclude: which modules' ``weight`` is pruned (class names; fnmatch
-        patterns on module names). Biases and norms are never pruned.
+    layers: which modules' ``weight`` is pruned (a LayerSelection: include / exclude globs on
+        module names, types = class names, default Linear and Conv1d/2d/3d; see
+        torchslim.selection). Biases and norms are never pruned.
     schedule: "oneshot" (prune, then fine-tune), "iterative" (``iterations`` rounds of
         prune -> fine-tune), "gradual" (cubic schedule during fine-tune, from
         ``initial_sparsity`` at ``gradual_start`` to ``sparsity`` at ``gradual_end``, fractions
@@ -53,9 +56,7 @@ class PruneConfig:
     criterion: str = "magnitude"
     scope: str = "global"
     per_layer: dict[str, float] | None = None
-    layer_types: tuple[str, ...] = DEFAULT_TYPES
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = ()
+    layers: Layers = layers_field()
     schedule: str = "oneshot"
     finetune: TrainConfig | None = None
     iterations: int = count(3, 1, 10_000)
@@ -64,7 +65,7 @@ class PruneConfig:
     gradual_end: float = fraction(0.5)
     gradual_updates: int = count(20, 1, 10**6)
     threshold: float | None = bounded(None, 0, 1e9)
-    taylor_batches: int = count(4, 1, 100_000)
+    batches: int = count(4, 1, 100_000)
     recovery: RecoveryConfig | None = None
     keep_masks: bool = True
     seed: int = seed_field()
@@ -75,7 +76,6 @@ class PruneConfig:
             self.finetune = TrainConfig(**self.finetune)
         if isinstance(self.recovery, dict):
             self.recovery = RecoveryConfig(**self.recovery)
-        self.layer_types, self.include, self.exclude = tuple(self.layer_types), tuple(self.include), tuple(self.exclude)
         _in01 = lambda v: isinstance(v, (int, float)) and 0.0 <= v < 1.0
         check(_in01(self.sparsity), "PruneConfig.sparsity", f"must be in [0, 1), got {self.sparsity!r}")
         check(self.criterion in CRITERIA, "PruneConfig.criterion",
@@ -88,8 +88,6 @@ class PruneConfig:
         check(not self.per_layer or self.sparsity > 0, "PruneConfig.sparsity",
               "must be > 0 with per_layer (schedules scale the per-layer targets by it; selected layers "
               "per_layer does not name get it): set it, e.g., to the largest per_layer value")
-        check(len(self.layer_types) > 0 and len(self.include) > 0, "PruneConfig.layer_types",
-              "layer_types and include must not be empty (nothing would be pruned)")
         needs_ft = self.schedule in ("iterative", "gradual", "l1")
         check(not needs_ft or self.finetune is not None, "PruneConfig.finetune",
               f"schedule {self.schedule!r} needs a fine-tune budget, e.g. finetune=TrainConfig(epochs=10)")
@@ -99,8 +97,8 @@ class PruneConfig:
         check(0.0 <= self.initial_sparsity <= self.sparsity, "PruneConfig.initial_sparsity", "must be in [0, sparsity]")
         check(0.0 <= self.gradual_start < self.gradual_end <= 1.0, "PruneConfig.gradual_end",
               "need 0 <= gradual_start < gradual_end <= 1 (fractions of the fine-tune steps)")
-        check(self.gradual_updates >= 1 and self.taylor_batches >= 1, "PruneConfig.gradual_updates",
-              "gradual_updates and taylor_batches must be >= 1")
+        check(self.gradual_updates >= 1 and self.batches >= 1, "PruneConfig.gradual_updates",
+              "gradual_updates and batches must be >= 1")
         check(self.threshold is None or self.threshold >= 0, "PruneConfig.threshold", "must be >= 0 or None")
 
 
@@ -117,13 +115,11 @@ def select_layers(model: nn.Module, cfg: PruneConfig) -> tuple[list[str], list[s
     """(weights to prune, modules skipped because they cannot be handled). ConfigError if empty."""
     shared, names, skipped = _shared_params(model), [], []
     for mname, m in model.named_modules():
-        if not any(fnmatch.fnmatchcase(mname, p) for p in cfg.include):
-            continue
-        if any(fnmatch.fnmatchcase(mname, p) for p in cfg.exclude):
+        if not cfg.layers.named(mname):
             continue
         shown = mname or "<root>"
         own = [p for p in m.parameters(recurse=False) if p.dim() >= 2]
-        if type(m).__name__ in cfg.layer_types and isinstance(getattr(m, "weight", None), nn.Parameter):
+        if cfg.layers.kind_ok(m, mname, DEFAULT_TYPES) and isinstance(getattr(m, "weight", None), nn.Parameter):
             if id(m.weight) in shared:
                 skipped.append(f"{shown} (tied weight)")
             else:
@@ -131,7 +127,8 @@ def select_layers(model: nn.Module, cfg: PruneConfig) -> tuple[list[str], list[s
         elif isinstance(m, nn.RNNBase):
             skipped.append(f"{shown} ({type(m).__name__}: recurrent weights are not pruned)")
         elif own:
-            skipped.append(f"{shown} ({type(m).__name__}: not in layer_types)")
+            why = "not in layers.types" if cfg.layers.filter_fn is None else "not in layers.types or refused by layers.filter_fn"
+            skipped.append(f"{shown} ({type(m).__name__}: {why})")
     if not names:
         from torch.nn.utils import parametrize
 
@@ -139,8 +136,9 @@ def select_layers(model: nn.Module, cfg: PruneConfig) -> tuple[list[str], list[s
         check(not shared, "PruneConfig", f"{(shared or [''])[0]!r} holds a parametrized (e.g. shared) weight; prune before "
               "weight sharing in the recipe (sharing keeps the zeros of a pruned model)")
         kinds = sorted({type(m).__name__ for _, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))})
-        raise ConfigError(f"PruneConfig.layer_types: no layer selected (layer_types={list(cfg.layer_types)}, "
-                          f"include={list(cfg.include)}, exclude={list(cfg.exclude)}); the model has {kinds}")
+        types = list(cfg.layers.types or DEFAULT_TYPES)
+        raise ConfigError(f"PruneConfig.layers: no layer selected ({cfg.layers.describe()}, types={types}); "
+                          f"the model has {kinds}")
     unknown = [n for n in (cfg.per_layer or {}) if n not in names and f"{n}.weight" not in names]
     check(not unknown, "PruneConfig.per_layer", f"names {unknown} are not selected layers; selected: {names}")
     return names, skipped

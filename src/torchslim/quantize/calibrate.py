@@ -62,8 +62,10 @@ def float_mode(model: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def run_inputs(model: nn.Module, batches: list[Any]) -> None:
+    from ..progress import track
+
     device = model_device(model)
-    for inputs in batches:
+    for inputs in track(batches, "calibration batches", total=len(batches)):
         call_model(model, to_device(inputs, device))
 
 

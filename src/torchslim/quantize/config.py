@@ -11,15 +11,17 @@ per-layer plan into a model running on real low-bit kernels.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 from torch import nn
 
 from ..bounds import bounded, check_bounds, count, seed_field
+from ..config_base import config
 from ..errors import check
+from ..selection import Layers, layers_field
+from ..train import TrainConfig
 
 SCHEMES = ("symmetric", "asymmetric")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
@@ -59,7 +61,9 @@ def _check_ort_options(options: dict[str, Any]) -> None:
     check(not bad, "QuantConfig.ort_options", f"unknown OrtQuantConfig field {bad[:1]}; known: {', '.join(sorted(known))}")
 
 
-@dataclass
+@config(renamed={"skip": "layers: {exclude: [...]}", "calibration_batches": "batches",
+                 "qat_epochs": "finetune: {epochs: N}", "qat_steps": "finetune: {max_steps: N}",
+                 "qat_lr": "finetune: {lr: X}"}, stage="quantize")
 class QuantConfig:
     """How to quantize.
 
@@ -73,8 +77,9 @@ class QuantConfig:
         (activation range taken from each batch at run time).
     calibration / calibration_param: activation range method for static mode and its parameter
         (percentile in %, MSE grid points, entropy histogram bins); None = the method's default.
-    calibration_batches: batches of the task's train split (val if no train) used to calibrate.
-    skip: fnmatch patterns of layer names kept in float (e.g. "classifier.*").
+    batches: batches of the task's train split (val if no train) used to calibrate.
+    layers: which layers are quantized (a LayerSelection; ``layers: {exclude: ["classifier.*"]}``
+        keeps those in float; default every supported layer).
     layer_bits: per-layer weight bits overriding ``bits`` (None = keep that layer float); this is
         how a mixed-precision plan is replayed.
     max_drop / min_metric: accuracy-aware mixed precision; when either is set, the most sensitive
@@ -83,8 +88,9 @@ class QuantConfig:
     bias_correction / smooth_alpha / equalize: optional PTQ improvements (mean-error bias
         correction, SmoothQuant migration strength in (0, 1), cross-layer equalization).
     fold_bn: fold BatchNorm into the preceding conv/linear before quantizing, as real backends do.
-    qat_epochs / qat_steps / qat_lr / learnable_scales: quantization-aware fine-tuning budget
-        (0 epochs = no QAT); learnable_scales trains the scales (LSQ) along with the weights.
+    finetune: the quantization-aware fine-tuning budget (a TrainConfig, as everywhere training
+        happens; QAT runs when it is set, e.g. ``finetune: {epochs: 2, lr: 1e-4}``; None = PTQ only).
+    learnable_scales: QAT also trains the scales (LSQ) along with the weights.
     backend: "simulate" (fake-quant model), "torchao", "onnxruntime" or "auto" (the best real
         backend registered, else simulate with the reason recorded).
     ort_options: OrtQuantConfig fields for the ONNX Runtime backend (block_layers, smooth_alpha,
@@ -102,8 +108,8 @@ class QuantConfig:
     mode: str = "static"
     calibration: str = "percentile"
     calibration_param: float | None = bounded(None, 0, 1e6, low_open=True)
-    calibration_batches: int = count(8, 1, 100_000)
-    skip: tuple[str, ...] = ()
+    batches: int = count(8, 1, 100_000)
+    layers: Layers = layers_field()
     layer_bits: dict[str, int | None] = field(default_factory=dict)
     max_drop: float | None = bounded(None, 0, 1e9)
     min_metric: float | None = bounded(None, -1e9, 1e9)
@@ -112,9 +118,7 @@ class QuantConfig:
     smooth_alpha: float | None = bounded(None, 0, 1, low_open=True, high_open=True)
     equalize: bool = False
     fold_bn: bool = True
-    qat_epochs: int = count(0, 0, 100_000)
-    qat_steps: int | None = count(None, 1, 10**9, optional=True)
-    qat_lr: float = bounded(1e-4, 0, 10, low_open=True)
+    finetune: TrainConfig | None = None
     learnable_scales: bool = False
     backend: str = "simulate"
     seed: int = seed_field()
@@ -122,7 +126,6 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         check_bounds(self)
-        self.skip = tuple(self.skip)
         _check_ort_options(self.ort_options)
         for name in ("bits", "act_bits"):
             v = getattr(self, name)
@@ -135,20 +138,17 @@ class QuantConfig:
         check(self.mode in MODES, "QuantConfig.mode", f"must be one of {MODES}, got {self.mode!r}")
         check(self.calibration in CALIBRATIONS, "QuantConfig.calibration", f"must be one of {CALIBRATIONS}, got {self.calibration!r}")
         self._check_calibration_param()
-        check(isinstance(self.calibration_batches, int) and self.calibration_batches >= 1, "QuantConfig.calibration_batches",
-              f"must be an integer >= 1, got {self.calibration_batches!r}")
+        check(isinstance(self.batches, int) and self.batches >= 1, "QuantConfig.batches",
+              f"must be an integer >= 1, got {self.batches!r}")
         for layer, b in self.layer_bits.items():
             check(b is None or (isinstance(b, int) and 2 <= b <= 8), "QuantConfig.layer_bits", f"{layer!r}: bits must be in 2..8 or None (float), got {b!r}")
         check(self.max_drop is None or self.max_drop >= 0, "QuantConfig.max_drop", f"must be >= 0 or None, got {self.max_drop!r}")
         check(self.fallback_bits is None or (isinstance(self.fallback_bits, int) and self.bits < self.fallback_bits <= 8),
               "QuantConfig.fallback_bits", f"must be None (float) or an integer in {self.bits + 1}..8 (above bits), got {self.fallback_bits!r}")
         check(self.smooth_alpha is None or 0 < self.smooth_alpha < 1, "QuantConfig.smooth_alpha", f"must be in (0, 1) or None, got {self.smooth_alpha!r}")
-        check(isinstance(self.qat_epochs, int) and self.qat_epochs >= 0, "QuantConfig.qat_epochs", f"must be an integer >= 0, got {self.qat_epochs!r}")
-        check(self.qat_steps is None or (isinstance(self.qat_steps, int) and self.qat_steps >= 1), "QuantConfig.qat_steps", f"must be >= 1 or None, got {self.qat_steps!r}")
-        check(self.qat_lr > 0, "QuantConfig.qat_lr", f"must be > 0, got {self.qat_lr!r}")
         check(self.backend in BACKEND_NAMES, "QuantConfig.backend", f"must be one of {BACKEND_NAMES}, got {self.backend!r}")
-        check(not (self.learnable_scales and self.qat_epochs == 0 and self.qat_steps is None), "QuantConfig.learnable_scales",
-              "only has an effect with QAT; set qat_epochs >= 1 (or qat_steps)")
+        check(not (self.learnable_scales and self.finetune is None), "QuantConfig.learnable_scales",
+              "only has an effect with QAT; set finetune (e.g. finetune: {epochs: 2, lr: 1e-4})")
 
     def _check_calibration_param(self) -> None:
         p = self.calibration_param
@@ -166,10 +166,11 @@ class QuantConfig:
 
     @property
     def wants_qat(self) -> bool:
-        return self.qat_epochs > 0 or self.qat_steps is not None
+        return self.finetune is not None
 
     def is_skipped(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, pat) for pat in self.skip)
+        """True when layer ``name`` stays float because ``layers`` does not select it."""
+        return not self.layers.named(name)
 
     def bits_for(self, name: str) -> int | None:
         """Weight bits of layer ``name`` (None = float)."""
@@ -218,10 +219,10 @@ def validate_for_model(cfg: QuantConfig, model: nn.Module, task: Any = None) -> 
         for name, layer in layers.items():
             n = reduction_size(layer)
             check(cfg.bits_for(name) is None or n % cfg.group_size == 0, "QuantConfig.group_size",
-                  f"{cfg.group_size} does not divide layer {name!r} input size {n}; pick a divisor or add it to skip")
+                  f"{cfg.group_size} does not divide layer {name!r} input size {n}; pick a divisor or add it to layers.exclude")
     if task is not None:
         needs_data = cfg.mode == "static" or cfg.bias_correction or cfg.smooth_alpha is not None or cfg.equalize
         check(not needs_data or task.train is not None or task.val is not None, "QuantConfig.mode",
               f"{cfg.mode!r} calibration needs data but task {task.name!r} has no train or val split; use mode='dynamic' or 'weights_only'")
-        check(not (cfg.wants_qat and task.train is None), "QuantConfig.qat_epochs", f"QAT needs task {task.name!r} to have a train split")
+        check(not (cfg.wants_qat and task.train is None), "QuantConfig.finetune", f"QAT needs task {task.name!r} to have a train split")
         check(not (cfg.wants_mixed and task.val is None and task.test is None), "QuantConfig.max_drop", "mixed precision needs a val or test split")

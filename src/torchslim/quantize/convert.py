@@ -75,7 +75,7 @@ def ort_config_from(cfg: Any, plan: list[Any]) -> tuple[OrtQuantConfig, list[str
     pct = cfg.calibration_param if cfg.calibration == "percentile" and cfg.calibration_param else 99.999
     # ort_options (e.g. block_layers, smooth_alpha: the B2 plan) override what is derived above
     fields = {"mode": mode, "per_channel": cfg.granularity != "per_tensor", "calibration": calib, "percentile": pct,
-              "calibration_batches": cfg.calibration_batches, "exclude_layers": float_layers_of(plan), **block,
+              "batches": cfg.batches, "exclude_layers": float_layers_of(plan), **block,
               **getattr(cfg, "ort_options", {})}
     ocfg = OrtQuantConfig(**fields)
     return ocfg, notes

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..bounds import bounded, check_bounds, count
+from ..config_base import config
 from ..errors import ConfigError, check
 from ..export.digest import stamp_onnx_bytes
 from ..export.onnx import export_onnx, ort_session, spec_of, temp_onnx_path, to_feed
@@ -59,7 +60,7 @@ ORT_MODES = ("dynamic", "static")
 ORT_CALIBRATIONS = ("minmax", "percentile", "entropy")
 
 
-@dataclass
+@config(renamed={"calibration_batches": "batches"})
 class OrtQuantConfig:
     """How ONNX Runtime quantizes a graph.
 
@@ -68,7 +69,7 @@ class OrtQuantConfig:
     reduce_range: ORT's 7-bit weights (integers in [-64, 64]); None = decided by the CPU (on
         where int8 products saturate: x86 without VNNI, see isa_plan.py; off elsewhere). An
         explicit False there is honoured with one warning.
-    calibration / percentile / calibration_batches: static activation ranges from the task's
+    calibration / percentile / batches: static activation ranges from the task's
         train split (val if none).
     optimize: fuse transformer blocks with onnxruntime.transformers first (needs num_heads and
         hidden_size; read from a Hugging Face ``config`` when the model has one).
@@ -86,7 +87,7 @@ class OrtQuantConfig:
         kernel). Empty = every MatMul.
     smooth_alpha / smooth_layers: SmoothQuant migration strength in (0, 1) for the inputs of
         the MatMul/Attention nodes matched by smooth_layers (empty = every one quantized with a
-        per-tensor activation scale), from per-channel input maxima on calibration_batches of
+        per-tensor activation scale), from per-channel input maxima on ``batches`` of
         the task's data (dynamic mode; a per-channel Mul is inserted, see ort_graph.py).
     """
 
@@ -95,7 +96,7 @@ class OrtQuantConfig:
     reduce_range: bool | None = None
     calibration: str = "minmax"
     percentile: float = bounded(99.999, 50, 100, low_open=True)
-    calibration_batches: int = count(8, 1, 100_000)
+    batches: int = count(8, 1, 100_000)
     optimize: bool = True
     exclude_layers: tuple[str, ...] = ()
     exclude_nodes: tuple[str, ...] = ()
@@ -126,7 +127,7 @@ class OrtQuantConfig:
               "graph SmoothQuant is for mode='dynamic' (static QDQ takes the simulation's ranges)")
         check(self.reduce_range in (None, True, False), "OrtQuantConfig.reduce_range",
               f"must be True, False or None (by this CPU), got {self.reduce_range!r}")
-        check(self.calibration_batches >= 1, "OrtQuantConfig.calibration_batches", f"must be >= 1, got {self.calibration_batches!r}")
+        check(self.batches >= 1, "OrtQuantConfig.batches", f"must be >= 1, got {self.batches!r}")
 
 
 class OrtModel(nn.Module):
@@ -257,7 +258,7 @@ def quantize_onnx(fp32_path: Path, out: Path, cfg: OrtQuantConfig, model: nn.Mod
     else:
         check(task is not None, "OrtQuantConfig.mode", "static quantization needs a task with calibration data")
         names = [i.name for i in onnx.load(str(fp32_path)).graph.input]
-        reader = TaskDataReader(task, cfg.calibration_batches, names)
+        reader = TaskDataReader(task, cfg.batches, names)
         method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                   "entropy": CalibrationMethod.Entropy}[cfg.calibration]
         if cfg.calibration == "percentile":
@@ -319,7 +320,7 @@ def _smooth(src: Path, out: Path, cfg: OrtQuantConfig, mapping: dict[str, list[s
         nodes = [n.name for n in graph.node if n.op_type in ("MatMul", "Attention")]
     nodes = [n for n in nodes if n not in skip]
     names = [i.name for i in graph.input]
-    amax = activation_absmax(src, nodes, TaskDataReader(task, cfg.calibration_batches, names).feeds)
+    amax = activation_absmax(src, nodes, TaskDataReader(task, cfg.batches, names).feeds)
     return smooth_graph(src, out, amax, cfg.smooth_alpha, nodes)
 
 

@@ -126,7 +126,7 @@ def _warn_small_calibration(batches: list[Any], info: dict[str, Any]) -> None:
     n = sum(batch_size_of(b) for b in batches)
     info["calibration_samples"] = n
     if n < MIN_CALIBRATION_SAMPLES:
-        warnings.warn(f"QuantConfig.calibration_batches: static calibration saw only {n} samples; activation "
+        warnings.warn(f"QuantConfig.batches: static calibration saw only {n} samples; activation "
                       f"ranges fit them and larger inputs will be clipped. Give >= {MIN_CALIBRATION_SAMPLES} "
                       "samples (more batches or a larger train split) or use mode='dynamic'", stacklevel=3)
 
@@ -149,7 +149,7 @@ def simulate(model: nn.Module, cfg: QuantConfig, task: Task) -> tuple[nn.Module,
     validate_for_model(cfg, model, task)
     q = copy.deepcopy(model).eval()
     has_data = task.train is not None or task.val is not None
-    batches = calibrate.calibration_inputs(task, cfg.calibration_batches) if has_data else []
+    batches = calibrate.calibration_inputs(task, cfg.batches) if has_data else []
     probe = batches[0] if batches else task.example_inputs()
     info: dict[str, Any] = {"calibration_batches": len(batches)}
     if cfg.fold_bn:

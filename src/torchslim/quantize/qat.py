@@ -53,10 +53,11 @@ _ADAPTIVE = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", 
 
 
 def qat_train_config(cfg: QuantConfig) -> TrainConfig:
-    from ..train import MAX_EPOCHS
+    """The QAT budget: ``cfg.finetune`` (a ConfigError when QAT was not asked for)."""
+    from ..errors import check
 
-    epochs = cfg.qat_epochs if cfg.qat_epochs > 0 else MAX_EPOCHS  # qat_steps alone bounds the run
-    return TrainConfig(epochs=epochs, max_steps=cfg.qat_steps, lr=cfg.qat_lr, optimizer="Adam", seed=cfg.seed)
+    check(cfg.finetune is not None, "QuantConfig.finetune", "QAT needs a budget; set finetune, e.g. {epochs: 2, lr: 1e-4}")
+    return cfg.finetune
 
 
 def learnable_scales(model: nn.Module) -> list[nn.Parameter]:

@@ -20,19 +20,20 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..bounds import check_bounds, count
+from ..config_base import config
 from ..errors import check
 
 TORCHAO_SCHEMES = ("int8_dynamic", "int8_weight_only", "int4_weight_only")
 
 
-@dataclass
+@config
 class TorchaoConfig:
     """scheme: one of TORCHAO_SCHEMES; group_size: int4 group; compile: wrap in torch.compile;
     skip: layer names kept float (a mixed-precision plan's float layers)."""

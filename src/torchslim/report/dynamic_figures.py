@@ -1,6 +1,7 @@
 """Report figures of the dynamic techniques: accuracy over an online stream with its drift
 points (``torchslim online`` run.json), and for an early-exit or cascade stage the exit-rate
-histogram and accuracy against mean cost as the threshold varies (its stage info)."""
+histogram and accuracy against mean cost as the threshold varies (its stage info). Drawn like
+every other figure of the report (``charts.py``: static SVG + PNG)."""
 
 from __future__ import annotations
 
@@ -49,28 +50,28 @@ def exit_series(run: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def dynamic_figures(run: dict[str, Any]) -> list[tuple[str, Any]]:
-    import plotly.graph_objects as go
+def dynamic_figures(run: dict[str, Any], with_captions: bool = False) -> list[tuple]:
+    """[(id, Figure)] (or [(id, caption, Figure)]): the online accuracy curve, and per early-exit
+    or cascade stage the exit rates and the accuracy-cost curve (matplotlib, see ``charts.py``)."""
+    from .charts import line_chart, simple_bars
 
     figs = []
     s = online_series(run)
     if s is not None:
-        fig = go.Figure(go.Scatter(x=s["x"], y=s["y"], mode="lines", name=f"prequential accuracy ({WINDOW}-batch mean)"))
-        for name, (xs, vs) in s["evals"].items():
-            fig.add_trace(go.Scatter(x=xs, y=vs, mode="lines+markers", name=f"held-out: {name}"))
-        for d in s["drifts"]:
-            fig.add_vline(x=d, line_dash="dash", line_color="#a40")
-        fig.update_layout(title="online: accuracy over the stream (dashed: drift detected)", xaxis_title="samples seen",
-                          yaxis_title="accuracy", yaxis_range=[0, 1], height=420)
-        figs.append(("online-accuracy", fig))
+        lines = [{"name": f"prequential accuracy ({WINDOW}-batch mean)", "x": s["x"], "y": s["y"]}]
+        lines += [{"name": f"held-out: {name}", "x": xs, "y": vs, "markers": True} for name, (xs, vs) in s["evals"].items()]
+        fig = line_chart("online: accuracy over the stream", "samples seen", "accuracy", lines, vlines=s["drifts"],
+                         fraction=True, vline_label="drift detected", height=3.8)
+        figs.append(("online-accuracy", "Accuracy over the stream (dashed: drift detected)", fig))
     for e in exit_series(run):
-        fig = go.Figure(go.Bar(x=e["labels"], y=e["rates"]))
-        fig.update_layout(title=f"{e['stage']}: share of test samples leaving at each exit", xaxis_title="exit after",
-                          yaxis_title="share of samples", yaxis_range=[0, 1], height=360)
-        figs.append((f"exits-{e['stage']}", fig))
+        fig = simple_bars(f"{e['stage']}: share of test samples leaving at each exit", e["labels"], e["rates"],
+                          "share of samples (exit after)")
+        figs.append((f"exits-{e['stage']}", f"{e['stage']}: exit rates", fig))
         if e["cost"] and len(e["cost"]) == len(e["accuracy"]):
-            fig = go.Figure(go.Scatter(x=e["cost"], y=e["accuracy"], mode="lines+markers"))
-            fig.update_layout(title=f"{e['stage']}: accuracy vs mean cost as the threshold varies",
-                              xaxis_title="mean cost (share of the full model's MACs)", yaxis_title="accuracy", height=360)
-            figs.append((f"exit-curve-{e['stage']}", fig))
-    return figs
+            order = sorted(range(len(e["cost"])), key=lambda i: e["cost"][i])
+            fig = line_chart(f"{e['stage']}: accuracy vs mean cost as the threshold varies",
+                             "mean cost (share of the full model's MACs)", "accuracy",
+                             [{"name": "threshold sweep", "x": [e["cost"][i] for i in order],
+                               "y": [e["accuracy"][i] for i in order], "markers": True}], fraction=True)
+            figs.append((f"exit-curve-{e['stage']}", f"{e['stage']}: accuracy against cost", fig))
+    return figs if with_captions else [(fid, fig) for fid, _, fig in figs]

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import TaskError, check
 from ..task import Task, call_model
-from ..utils import atomic_write, model_device
+from ..utils import atomic_write, eval_mode, model_device
 from . import MODELS, TASKS
 
 # Set before transformers is first imported (it reads them at import time); a local directory
@@ -213,15 +213,11 @@ def encode(
 ) -> torch.Tensor:
     """Embeddings of texts (rows in the given order), computed in length-sorted batches."""
     device = model_device(model)
-    was_training = model.training
-    model.eval()
     rows: dict[int, torch.Tensor] = {}
-    try:
+    with eval_mode(model):
         for idx, inputs in tokenized_batches(tokenizer, texts, batch_size, max_length):
             emb = call_model(model, {k: v.to(device) for k, v in inputs.items()}).float().cpu()
             rows.update(zip(idx, emb))
-    finally:
-        model.train(was_training)
     return torch.stack([rows[i] for i in range(len(texts))])
 
 
