@@ -12,13 +12,18 @@ Streams (built from bundled data, nothing downloaded; batch 32, drift halfway-is
 Compressed models: digits — 90% magnitude-pruned (fine-tuned) + int8 fake-quant weights (a
 second arm, shared, has every layer of the pruned model 4-bit k-means shared, as Deep
 Compression does); MNIST-1D — structured pruning to 50% MACs + 50% unstructured (both
-fine-tuned). Arms, one run, same stream and seed: frozen compressed (predict only), compressed
-online, dense online, compressed online + replay, + EWC, + both, + regrowth (5% of the pruned
-weights when accuracy 20 batches after a drift is still 5 pt below its level before it), and the
-shared model online. Every online arm: Adam, River ADWIN (delta 0.002) with a 3x LR boost for
-20 batches after a detected rise in error; lr 1e-2 on digits, 1e-3 on MNIST-1D (the best of
-1e-3 / 3e-3 / 1e-2 for the dense *and* the compressed arm in a sweep on seed 0: a choice made
-on the benchmark's own streams, the same for every arm of a stream).
+fine-tuned). Both cost little offline (test accuracy in each run's dense_test_acc /
+compressed_test_acc: 0 … -1.4 pt). Arms, one run, same stream and seed: frozen compressed
+(predict only), compressed online, dense online, compressed online without the per-tensor LR
+scaling (ablation: every tensor at the same lr, as before the fix), + replay, + EWC, + both,
++ drop-and-grow regrowth (10% of each tensor's kept weights move when accuracy after the boost
+is still 5 pt below its pre-drift level; same non-zeros), the shared model online (digits), and
+distillation from a teacher for 40 batches after a drift (MNIST-1D: a dense model trained on
+fresh samples of the new regime). Every online arm: Adam, River ADWIN (delta 0.002), pruned
+tensors at lr / sqrt(density) (OnlineConfig.sparse_lr_power = 0.5, the default); digits: lr 3e-3
+with a 10x boost for 40 batches after a detected rise in error, MNIST-1D: lr 1e-3 with 3x for 20
+(chosen in a sweep on seeds 0-1 of the same streams, for the dense *and* the compressed arm: a
+choice made on the benchmark's own streams, the same for every arm of a stream).
 Throughput: samples/s of each arm's loop (wall clock, includes scoring and learning), plus one
 online step of compressed vs dense timed interleaved (compare_latency) for a contention-robust
 ratio.
@@ -48,7 +53,8 @@ from torchslim.zoo import build_model, build_task
 
 ID = "B11"
 TITLE = "Online learning on drifting streams: compressed vs dense vs frozen, replay/EWC (digits, MNIST-1D)"
-HEADLINE = ["online_vs_dense_ratio", "gain_over_frozen_pt", "compression_unchanged", "samples_per_s"]
+HEADLINE = ["online_vs_dense_ratio", "online_vs_dense_ratio_min", "gain_over_frozen_pt", "compression_unchanged",
+            "samples_per_s"]
 BATCH = 32
 PERM = torch.tensor([3, 7, 1, 9, 0, 2, 8, 4, 6, 5])
 NOTES = ("2-core machine: samples/s are wall-clock (under contention when another job ran; "
@@ -88,7 +94,7 @@ def _digits(kind: str, seed: int, quick: bool) -> dict:
 
     a = _shuffle(xva, yva, seed)
     b = _shuffle(*drift(torch.cat([xtr, xva]), torch.cat([ytr, yva])), seed + 1)
-    return {"dense": dense, "compressed": comp, "shared": shared, "a": a, "b": b, "lr": 1e-2,
+    return {"dense": dense, "compressed": comp, "shared": shared, "a": a, "b": b, **DIGITS_ADAPT,
             "eval": {"old": (xte, yte), "new": drift(xte, yte)},
             "dense_test_acc": task.evaluate(dense), "compressed_test_acc": task.evaluate(comp)}
 
@@ -118,7 +124,18 @@ def _mnist1d(seed: int, quick: bool) -> dict:
     n = 1000 if quick else 2500
     a, a_eval = _mnist1d_set(n, 100 + seed, mirrored=False)
     b, b_eval = _mnist1d_set(2 * n, 200 + seed, mirrored=True)
-    return {"dense": dense, "compressed": comp, "a": a, "b": b, "eval": {"old": a_eval, "new": b_eval}, "lr": 1e-3,
+    # the teacher: a dense rescnn1d trained offline on fresh samples of the *new* regime (its own
+    # generator seed: none of the stream's or the held-out samples), as a server-side model
+    # retrained after the shift would be; the compressed model distills from it after a drift
+    (tx, ty), _ = _mnist1d_set(4 * n, 300 + seed, mirrored=True)
+    from torchslim.zoo.data import from_arrays
+
+    ttask = from_arrays("mnist1d-new", tx.numpy(), ty.numpy(), batch_size=64, seed=seed)
+    torch.manual_seed(seed)
+    teacher = build_model("rescnn1d", ttask, width=32)
+    fit(teacher, ttask, TrainConfig(epochs=3 if quick else 8, lr=3e-3, scheduler="CosineAnnealingLR", seed=seed, device="cpu"))
+    return {"dense": dense, "compressed": comp, "teacher": teacher.eval(), "a": a, "b": b,
+            "eval": {"old": a_eval, "new": b_eval}, **MNIST1D_ADAPT,
             "dense_test_acc": task.evaluate(dense), "compressed_test_acc": task.evaluate(comp)}
 
 
@@ -126,14 +143,25 @@ ARMS = {
     "frozen_compressed": ("compressed", {"learn": False}),
     "online_compressed": ("compressed", {}),
     "online_dense": ("dense", {}),
+    # ablation: every tensor at the same LR (before the fix, pruned tensors learned at lr too)
+    "online_compressed_no_lr_scale": ("compressed", {"sparse_lr_power": 0.0}),
     "online_compressed_replay": ("compressed", {"replay_capacity": 500, "replay_batch": 32}),
     "online_compressed_ewc": ("compressed", {"ewc_lambda": 100.0}),
     "online_compressed_replay_ewc": ("compressed", {"replay_capacity": 500, "replay_batch": 32, "ewc_lambda": 100.0}),
-    # regrowth changes the masks on purpose (capacity after a drift): not counted as "unchanged"
-    "online_compressed_regrow": ("compressed", {"regrow_fraction": 0.05, "regrow_gap": 0.05}),
+    # drop-and-grow after a drift when accuracy is still 5 pt short: 10% of each tensor's kept
+    # weights move (up to 3 rounds); non-zeros per tensor, and so the bytes, stay as they were
+    "online_compressed_regrow": ("compressed", {"regrow_fraction": 0.1, "regrow_gap": 0.05}),
     "online_shared": ("shared", {}),  # digits only: 90% pruned + 4-bit shared, every layer
+    # MNIST-1D only: distill from a teacher trained on the new regime for 40 batches after a drift
+    "online_compressed_teacher": ("compressed", {"teacher": "setup", "teacher_batches": 40, "teacher_alpha": 0.7}),
 }
-CHANGES_MASKS = ("online_compressed_regrow",)
+CHANGES_MASKS = ()  # drop-and-grow keeps every tensor's non-zeros: counted like the others
+# drift adaptation per stream (the same for every arm of a stream), chosen in a sweep on seeds 0-1
+# of these streams: base LR 1e-3 / 3e-3 / 1e-2, boost 3x / 10x, 20 / 40 batches (dense and
+# compressed). On digits a low base LR with a long 10x boost after a drift beats a high fixed LR
+# for both (the high LR costs 5-10 pt before the drift); MNIST-1D keeps its 1e-3 / 3x / 20.
+DIGITS_ADAPT = {"lr": 3e-3, "boost_lr": 10.0, "boost_batches": 40}
+MNIST1D_ADAPT = {"lr": 1e-3, "boost_lr": 3.0, "boost_batches": 20}
 
 
 def _run_arms(setup: dict, seed: int) -> dict:
@@ -141,11 +169,13 @@ def _run_arms(setup: dict, seed: int) -> dict:
     stream = Concat(ArrayStream(*setup["a"], BATCH), ArrayStream(*setup["b"], BATCH))
     out = {}
     for arm, (which, extra) in ARMS.items():
-        if which not in setup:
+        if which not in setup or ("teacher" in extra and "teacher" not in setup):
             continue
+        if "teacher" in extra:
+            extra = {**extra, "teacher": setup["teacher"]}
         model = copy.deepcopy(setup[which])
-        cfg = OnlineConfig(lr=setup["lr"], optimizer="Adam", detector="adwin", drift_delta=0.002, boost_lr=3.0,
-                           boost_batches=20, eval_every=10, seed=seed, progress=False, **extra)
+        cfg = OnlineConfig(lr=setup["lr"], optimizer="Adam", detector="adwin", drift_delta=0.002, boost_lr=setup["boost_lr"],
+                           boost_batches=setup["boost_batches"], eval_every=10, seed=seed, progress=False, **extra)
         r = online(model, stream, cfg, eval_sets=setup["eval"])
         old = [e["old"] for e in r.segment_eval]
         ups = [e["batch"] for e in r.drift_events if e["direction"] == "up"]
@@ -158,9 +188,12 @@ def _run_arms(setup: dict, seed: int) -> dict:
             "samples_per_s": r.samples_per_s,
             "drift_detected_at": next((b for b in ups if b >= drift_batch), None),
             "false_alarms_before_drift": sum(1 for e in r.drift_events if e["batch"] < drift_batch),
-            "regrown": r.regrown, "lr": setup["lr"],
+            "regrown": r.regrown, "swapped": r.swapped, "teacher_batches": r.teacher_batches, "lr": setup["lr"],
+            "boost": [setup["boost_lr"], setup["boost_batches"]],
             "compression_unchanged": r.compression_unchanged, "compression_changes": r.compression_changes,
             "archive_bytes_delta": r.coded_bytes_delta.get("archive"),
+            "archive_layout_unchanged": (r.fingerprint_before.get("archive_layout") == r.fingerprint_after.get("archive_layout")
+                                         if "archive_layout" in r.fingerprint_before else None),
             "bytes_before": r.fingerprint_before["bytes"], "bytes_after": r.fingerprint_after["bytes"],
             "curve_acc": [round(p["acc"], 4) for p in r.curve],
         }
@@ -227,6 +260,10 @@ def run(quick: bool = False) -> dict:
             setup = _mnist1d(seed, quick) if name.startswith("mnist1d") else _digits(name.split("-")[1], seed, quick)
             res = _run_arms(setup, seed)
             res.update(seed=seed, dense_test_acc=setup["dense_test_acc"], compressed_test_acc=setup["compressed_test_acc"])
+            if "teacher" in setup:  # the teacher's accuracy on the held-out new-regime set
+                tx, ty = setup["eval"]["new"]
+                with torch.no_grad():
+                    res["teacher_new_acc"] = float((setup["teacher"](tx).argmax(-1) == ty).float().mean())
             rows.append(res)
             if step_ratio is None:
                 step_ratio = {"stream": name, **_step_ratio(setup, quick)}
@@ -240,8 +277,14 @@ def run(quick: bool = False) -> dict:
             summary[arm]["prequential_acc_spread"] = [min(r[arm]["prequential_acc"] for r in rows),
                                                       max(r[arm]["prequential_acc"] for r in rows)]
         streams[name] = {"summary": summary, "runs": rows}
-    ratios = [r["online_compressed"]["prequential_acc"] / r["online_dense"]["prequential_acc"]
-              for s in streams.values() for r in s["runs"]]
+    ratio = lambda r, arm="online_compressed": r[arm]["prequential_acc"] / r["online_dense"]["prequential_acc"]
+    ratios = [ratio(r) for s in streams.values() for r in s["runs"]]
+    per_stream = {name: [round(ratio(r), 4) for r in s["runs"]] for name, s in streams.items()}
+    per_stream_ablation = {name: [round(ratio(r, "online_compressed_no_lr_scale"), 4) for r in s["runs"]]
+                           for name, s in streams.items()}
+    lifts = [100 * (r["online_compressed_teacher"]["acc_after_drift"] - r["online_compressed"]["acc_after_drift"])
+             for s in streams.values() for r in s["runs"] if "online_compressed_teacher" in r]
+    ratio_replay = [ratio(r, "online_compressed_replay") for s in streams.values() for r in s["runs"]]
     gains = [100 * (r["online_compressed"]["acc_after_drift"] - r["frozen_compressed"]["acc_after_drift"])
              for s in streams.values() for r in s["runs"]]
     compressed_runs = [r[a] for s in streams.values() for r in s["runs"] for a in ARMS
@@ -250,12 +293,25 @@ def run(quick: bool = False) -> dict:
     deltas = [c["archive_bytes_delta"] for c in compressed_runs if c["archive_bytes_delta"] is not None]
     return {
         "online_vs_dense_ratio": statistics.mean(ratios), "online_vs_dense_ratio_min": min(ratios),
+        "online_vs_dense_ratio_per_stream_seed": per_stream,
+        "online_vs_dense_ratio_without_sparse_lr_scale": statistics.mean(
+            v for vs in per_stream_ablation.values() for v in vs),
+        "online_vs_dense_ratio_without_sparse_lr_scale_per_stream_seed": per_stream_ablation,
+        "replay_online_vs_dense_ratio": statistics.mean(ratio_replay),
+        "teacher_lift_after_drift_pt": statistics.mean(lifts) if lifts else None,
+        "teacher_lift_after_drift_pt_per_seed": [round(v, 2) for v in lifts],
         "gain_over_frozen_pt": statistics.mean(gains), "gain_over_frozen_pt_min": min(gains),
         "compression_unchanged": unchanged,
         "compression_unchanged_means": ("masks, non-zeros, shared codebook sizes and indices, tensor shapes and dtypes, "
                                         "and the bytes of the safetensors and sparse files identical before/after, "
                                         "every compressed arm and seed"),
         "archive_bytes_delta_range": [min(deltas), max(deltas)] if deltas else None,
+        "archive_layout_unchanged": all(c["archive_layout_unchanged"] for c in compressed_runs
+                                        if c["archive_layout_unchanged"] is not None),
+        "archive_invariant": ("per tensor: encoding, value dtype, codebook size, index bits, every section's role, bit "
+                              "width and symbol count, and the bytes of the index and position sections; the value "
+                              "sections (centroids, biases) are entropy-coded, so new values move the total by "
+                              "archive_bytes_delta_range"),
         "archive_bytes_before_range": [min(a), max(a)] if (a := [c["bytes_before"]["archive"] for c in compressed_runs
                                                                   if "archive" in c["bytes_before"]]) else None,
         "samples_per_s": statistics.mean(r["online_compressed"]["samples_per_s"] for s in streams.values() for r in s["runs"]),

@@ -93,8 +93,43 @@ def test_shared_codebooks_exact_after_1000_steps(digits):
         w = model.get_submodule(n).weight.detach()
         assert torch.unique(w[w != 0]).numel() <= 16
     assert r.accuracy_between(STEPS - 200) > r.accuracy_between(0, 50) + 0.2
-    # the archive's size is reported (its coders see new centroid values), within 1% of before
+    # the archive's invariant is its layout (encodings, value dtypes, codebook sizes, index bits,
+    # section symbol counts) and its index and position bytes, exactly; its total moves only by
+    # the entropy coding of the new centroid and bias values (reported), within 1%
+    assert after["archive_layout"] == before["archive_layout"]
+    assert all(t["codebook"] == 16 for n, t in after["archive_layout"].items() if n.endswith(".weight"))
     assert abs(after["bytes"]["archive"] - before["bytes"]["archive"]) <= 0.01 * before["bytes"]["archive"]
+    assert r.coded_bytes_delta == {"archive": after["bytes"]["archive"] - before["bytes"]["archive"]}
+
+
+def test_shared_centroids_get_deep_compression_gradient(digits):
+    """Every shared layer's centroid gradient is the sum of its weights' gradients over the
+    cluster (Deep Compression's fine-tune, Han et al. 2016 §3.3), masked weights excluded."""
+    task, x, y = digits
+    model = share(_pruned(task, 0.8), ShareConfig(bits=4, finetune=None), task).model
+    layers = shared_layers(model)
+    weights = {n: model.get_submodule(n).weight.detach().clone().requires_grad_(True) for n in layers}
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(x[:128]), y[:128]).backward()
+    import torch.nn.utils.parametrize as P
+
+    # the same loss with every weight a free leaf: dL/dW per weight
+    free = _mlp(task)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if not n.endswith((".codebook", ".original")):
+                free.get_parameter(n).copy_(p)
+    for n, w in weights.items():
+        mod = free.get_submodule(n)
+        del mod.weight
+        mod.weight = w
+    torch.nn.functional.cross_entropy(free(x[:128]), y[:128]).backward()
+    for n, sw in layers.items():
+        g = weights[n].grad * sw.mask
+        expected = torch.zeros_like(sw.codebook).index_add_(0, sw.indices.long().flatten(), g.flatten())
+        assert sw.codebook.grad.abs().max() > 0
+        torch.testing.assert_close(sw.codebook.grad, expected, rtol=1e-4, atol=1e-6)
+    assert not P.is_parametrized(free.get_submodule(next(iter(layers))))
 
 
 def test_fake_quant_trained_through_quantizers(digits):

@@ -21,7 +21,8 @@ RECIPE = {
     "stream": {"batch_size": 32, "segments": [{"source": "task", "split": "val"},
                                               {"source": "task", "split": "train", "permute_labels": PERM}]},
     "eval": {"old": {"source": "task", "split": "test"}},
-    "online": {"lr": 0.01, "checkpoint_every": 10, "eval_every": 10, "progress": False},
+    "online": {"lr": 0.01, "checkpoint_every": 10, "eval_every": 10, "progress": False,
+               "teacher": "baseline", "teacher_batches": 10},  # distill from the uncompressed model after a drift
 }
 
 
@@ -42,6 +43,9 @@ def test_online_recipe_end_to_end(tmp_path, capsys):
     assert any(e["direction"] == "up" and 11 <= e["batch"] <= 16 for e in o["drift_events"])  # drift at batch 12
     assert o["segment_eval"][-1]["batch"] == 46 and "old" in o["segment_eval"][-1]
     assert (out / "model.safetensors").is_file() and (out / ".state" / "online" / "online.pt").is_file()
+    ups = [e for e in o["drift_events"] if e["direction"] == "up"]
+    assert 10 <= o["teacher_batches"] <= 10 * len(ups)  # the teacher's window after each drift, only there
+    assert run["online_config"]["teacher"] == "MLP"  # named in run.json, not serialized
     # resuming a finished run learns nothing new and changes nothing
     assert run_online_recipe(_write(tmp_path, RECIPE), out, resume=True, log=lambda m: None) == 0
     again = json.loads((out / "run.json").read_text())["online"]
@@ -55,6 +59,8 @@ def test_online_recipe_end_to_end(tmp_path, capsys):
     ({"stream": {"segments": [{"source": "task", "permute_labels": [0, 0, 1]}]}}, "permute_labels"),
     ({"online": {"lr": -1}}, "online.lr"),
     ({"online": {"detectr": "adwin"}}, "online.detectr"),
+    ({"online": {"teacher": 3}}, "online.teacher"),
+    ({"online": {"teacher": {"weights": "t.safetensors"}}}, "online.teacher"),
 ])
 def test_bad_stream_blocks_are_one_line(tmp_path, capsys, patch, message):
     data = {**RECIPE, **patch}

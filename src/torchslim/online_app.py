@@ -14,6 +14,8 @@ the runner into ``<out>/compress``, with its own checkpoints and resume) plus::
     eval:                        # optional held-out sets scored over time (forgetting)
       old: {source: task, split: test}
     online: {lr: 0.01, detector: adwin, checkpoint_every: 20}   # OnlineConfig fields
+    # online.teacher: "baseline" or a model spec {name, weights, kwargs}: distill from it for
+    # teacher_batches batches after each drift
 
 ``<out>/run.json`` gets the compression rows, the prequential curve (per batch), drift events,
 held-out scores and the compression check; ``--resume`` continues a killed run at the next
@@ -86,8 +88,45 @@ def read_online_recipe(path: str | Path) -> tuple[dict[str, Any], OnlineRecipe, 
             raise RecipeError(f"{where}.path: source {s.source!r} needs a path")
         if s.permute_labels is not None and sorted(s.permute_labels) != list(range(len(s.permute_labels))):
             raise RecipeError(f"{where}.permute_labels: must be a permutation of 0..n-1, got {s.permute_labels}")
-    cfg = build_dataclass(OnlineConfig, spec.online, "online")
+    _check_teacher(spec.online.get("teacher"))
+    cfg = build_dataclass(OnlineConfig, {k: v for k, v in spec.online.items() if k != "teacher"}, "online")
     return data, spec, cfg
+
+
+def _check_teacher(t: Any) -> None:
+    """online.teacher in a recipe: "baseline" (the recipe's uncompressed model after its baseline
+    training) or a model spec {name, weights, kwargs} (weights: a safetensors file)."""
+    from .recipe import ModelSpec
+
+    if t is None or t == "baseline":
+        return
+    if not isinstance(t, dict):
+        raise RecipeError(f"online.teacher: use 'baseline' or a model spec {{name: ..., weights: ...}}, got {t!r}")
+    try:
+        ModelSpec.model_validate(t)
+    except ValidationError as exc:
+        raise RecipeError("online.teacher." + pydantic_message(exc)) from None
+
+
+def _teacher(t: Any, task, out: Path, trust_code: bool):
+    """The teacher module a recipe names (see _check_teacher); None when it names none."""
+    from .checkpoint import load_module
+    from .recipe import ModelSpec
+    from .zoo import MODELS, build_model
+
+    if t is None:
+        return None
+    if t == "baseline":
+        return load_module(out / "compress" / ".state" / "baseline.pt").eval()
+    spec = ModelSpec.model_validate(t)
+    if spec.name not in MODELS and not trust_code:
+        raise TorchslimError(f"online.teacher.name: {spec.name!r} is not a built-in model; pass --trust-code to import it")
+    model = build_model(spec.name, task, **spec.kwargs)
+    if spec.weights:
+        from .export.rebuild import load
+
+        load(spec.weights, model)  # safetensors / weights_only: nothing unpickled
+    return model.eval()
 
 
 def _transform(x: torch.Tensor, y: torch.Tensor, s: SourceSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,6 +252,11 @@ def run_online_recipe(path: str | Path, out_dir: str | Path | None = None, resum
             if not resume:
                 clean_outputs(out)
             model, task, summary = _compressed_model(recipe, out, resume, trust_code, log)
+            teacher = _teacher(spec.online.get("teacher"), task, out, trust_code)
+            if teacher is not None:
+                import dataclasses
+
+                cfg = dataclasses.replace(cfg, teacher=teacher)
             sets = {k: _arrays(task, s) for k, s in spec.eval.items() if s.source != "folder"}
             exports: list[dict[str, Any]] = []
             hook = _exporter(spec.stream.export, task, out, exports, log) if spec.stream.export else None

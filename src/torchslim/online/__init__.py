@@ -1,9 +1,11 @@
 """Online learning: a compressed model that keeps learning from a stream and stays compressed.
 
 ``online(model, stream, OnlineConfig(...))`` runs prequential (test-then-train) updates that
-keep masks, shared codebooks, structured shapes and fake-quant exact; River's ADWIN detects
-drift and triggers adaptation (LR boost, regrowth); a replay buffer and EWC control
-forgetting; checkpoints carry the stream offset so a killed run resumes exactly.
+keep masks, shared codebooks, structured shapes and fake-quant exact (pruned tensors learn at
+lr / density ** sparse_lr_power); River's ADWIN detects drift and triggers adaptation (LR
+boost, drop-and-grow regrowth at constant sparsity, distillation from a teacher for a window);
+a replay buffer and EWC control forgetting; checkpoints carry the stream offset so a killed run
+resumes exactly.
 """
 
 from .config import OnlineConfig

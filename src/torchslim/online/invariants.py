@@ -7,8 +7,10 @@
   fake-quantized weight has at most 2**bits distinct levels;
 - shapes: every state-dict tensor's shape and dtype (structured pruning's smaller shapes);
 - bytes: the safetensors file of the plain state dict, the sparse file when there are masks,
-  the entropy-coded archive when weights are shared (the archive's byte count may move when
-  centroid values change how well its coders compress them: that is reported, not hidden).
+  the entropy-coded archive when weights are shared; for the archive the invariant is its
+  layout (encodings, value dtypes, codebook sizes, index bits, section symbol counts) and the
+  bytes of its index and position sections: its value sections (centroids, biases) are
+  entropy-coded, so new values move the total by a few bytes, reported by coded_bytes_delta.
 """
 
 from __future__ import annotations
@@ -86,21 +88,55 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
 
         out["bytes"]["sparse"] = _file_bytes(save_sparse, model)
     if shared:
-        from ..export.archive import save_archive
-
-        out["bytes"]["archive"] = _file_bytes(save_archive, model)
+        out["bytes"]["archive"], out["archive_layout"] = _archive(model)
     return out
 
 
-STRUCTURAL = ("masks", "shared", "fake_quant", "shapes", "params")
+VALUE_ROLES = ("v", "c")  # archive sections of float values (entropy-coded: their size follows the values)
+
+
+def _archive(model: nn.Module) -> tuple[int, dict[str, Any]]:
+    """The archive's byte count and its layout: per tensor the encoding, value dtype and every
+    section's role, bit width and symbol count, plus the bytes of the sections that are not
+    float values (codebook indices, positions): those depend on the indices and the mask only.
+    The value sections (codebook centroids, biases) are entropy-coded by whichever coder is
+    smallest for them, so new centroid and bias values move the total by a few bytes (B11)."""
+    from ..export.archive import inspect_archive, save_archive
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "m.tsla"
+        save_archive(model, path)
+        info = inspect_archive(path)
+    layout = {t["name"]: {"encoding": t["encoding"], "value_dtype": t["value_dtype"], "codebook": t["codebook"],
+                          "index_bits": t["index_bits"],
+                          "sections": [[s["role"], s["width"], s["count"]] for s in t["sections"]],
+                          "index_and_position_bytes": sum(s["bytes"] for s in t["sections"] if s["role"] not in VALUE_ROLES)}
+              for t in info["tensors"]}
+    return info["bytes"], layout
+
+
+STRUCTURAL = ("masks", "shared", "fake_quant", "shapes", "params", "archive_layout")
 FIXED_SIZE = ("safetensors", "sparse")  # formats whose size depends on shapes and non-zeros only
 CODED = ("archive",)  # entropy-coded: its size follows how well the values compress
 
 
-def differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+def _counts(masks: dict[str, Any]) -> dict[str, Any]:
+    return {n: {k: v for k, v in m.items() if k != "mask"} for n, m in masks.items()}
+
+
+def differences(before: dict[str, Any], after: dict[str, Any], masks_moved: bool = False) -> list[str]:
     """What changed between two fingerprints: structural facts and the bytes of the fixed-size
-    formats (the entropy-coded archive's byte count is compared by ``coded_bytes_delta``)."""
-    diffs = [f"{key} changed" for key in STRUCTURAL if before.get(key) != after.get(key)]
+    formats (the entropy-coded archive's byte count is compared by ``coded_bytes_delta``; its
+    layout, index and position bytes are structural). masks_moved: drop-and-grow moved where the
+    non-zeros are on purpose; the masks then compare by their counts (kept and non-zeros per
+    tensor, zeros exactly where pruned), not by position."""
+    diffs = []
+    for key in STRUCTURAL:
+        a, b = before.get(key), after.get(key)
+        if key == "masks" and masks_moved:
+            a, b = _counts(a or {}), _counts(b or {})
+        if a != b:
+            diffs.append(f"{key} changed")
     for kind in FIXED_SIZE:
         n, m = before.get("bytes", {}).get(kind), after.get("bytes", {}).get(kind)
         if m != n:
