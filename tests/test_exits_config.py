@@ -19,8 +19,9 @@ from torchslim.task import Task
 @pytest.mark.parametrize("kwargs,field", [
     ({"accuracy_drop": 1.5}, "accuracy_drop"), ({"accuracy_drop": float("nan")}, "accuracy_drop"),
     ({"latency_budget": 0.0}, "latency_budget"), ({"latency_budget": 2}, "latency_budget"),
-    ({"policy": "margin"}, "policy"), ({"mode": "both"}, "mode"), ({"include": []}, "include"),
-    ({"include": "layers.*"}, "include"), ({"head_weight": -1}, "head_weight"), ({"head_weight": 1e9}, "head_weight"),
+    ({"policy": "margin"}, "policy"), ({"mode": "both"}, "mode"), ({"layers": {"include": []}}, "layers.include"),
+    ({"include": ["layers.*"]}, "include: renamed — write layers: {include: \\[...\\]}"),
+    ({"layers": {"types": ["Linear"]}}, "layers: exits are placed by block name only"), ({"head_weight": -1}, "head_weight"), ({"head_weight": 1e9}, "head_weight"),
     ({"temperature": 0}, "temperature"), ({"alpha": 1.2}, "alpha"), ({"head_hidden": -1}, "head_hidden"),
     ({"head_hidden": 10**9}, "head_hidden"), ({"head_bins": 0}, "head_bins"), ({"head_bins": 1000}, "head_bins"), ({"seed": -1}, "seed"), ({"finetune": "yes"}, "finetune"),
 ])
@@ -69,8 +70,8 @@ def test_refuses_cut_inside_skip_connection():
 def test_refuses_no_match_and_no_val():
     task = _task(torch.randn(64, 8), torch.randint(0, 3, (64,)))
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
-    with pytest.raises(ConfigError, match="ExitConfig.include: no block"):
-        early_exit(model, ExitConfig(include=("nothing*",), finetune=None), task)
+    with pytest.raises(ConfigError, match="ExitConfig.layers.include: no block"):
+        early_exit(model, ExitConfig(layers=["nothing*"], finetune=None), task)
     with pytest.raises(ConfigError, match="no val split"):
         early_exit(model, ExitConfig(finetune=None), _task(torch.randn(64, 8), torch.randint(0, 3, (64,)), val=False))
 
@@ -95,7 +96,7 @@ def test_transformer_encoder_exits():
     model = Encoder().eval()
     with torch.no_grad():
         ref = model(x)
-    ee = build(model, ExitConfig(include=("encoder.layers.*",), finetune=None), task).eval()
+    ee = build(model, ExitConfig(layers=["encoder.layers.*"], finetune=None), task).eval()
     assert ee.cut_names == ["encoder.layers.0", "encoder.layers.1"]
     with torch.no_grad():
         torch.testing.assert_close(ee(x), ref, rtol=1e-5, atol=1e-5)  # never exiting = the original model

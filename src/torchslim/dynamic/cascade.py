@@ -10,12 +10,12 @@ share of easy inputs.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..config_base import config
 from ..errors import ConfigError, check
 from ..measure_latency import count_macs
 from ..stage import StageResult, register_stage
@@ -54,7 +54,7 @@ class CascadeModel(nn.Module):
         return out, where
 
 
-@dataclass
+@config
 class CascadeConfig:
     """small: the first model (an nn.Module, or "package.module:function" returning one);
     policy: "maxprob" | "entropy"; accuracy_drop / latency_budget: as in ExitConfig (the cost

@@ -27,6 +27,7 @@ def to_torchscript(model: nn.Module) -> torch.jit.ScriptModule:
     m = copy.deepcopy(model).eval()
     if hasattr(m, "freeze_backbone"):
         del m.freeze_backbone  # a Python-only training flag
+    m.__dict__.pop("_rule_cache", None)  # eager-only cache of the buffers' values (model.py)
     try:
         return torch.jit.script(m)
     except Exception as exc:  # noqa: BLE001 - a block TorchScript cannot compile

@@ -122,7 +122,7 @@ def split(model: nn.Module, include: tuple[str, ...], exclude: tuple[str, ...]) 
     chosen = [n for n in cands[:-1] if any(fnmatch.fnmatchcase(str(n.target), p) for p in include)
               and not any(fnmatch.fnmatchcase(str(n.target), p) for p in exclude)]
     if not chosen:
-        raise ConfigError(f"ExitConfig.include: no block to put an exit after matches {list(include)} "
+        raise ConfigError(f"ExitConfig.layers.include: no block to put an exit after matches {list(include)} "
                           f"(minus exclude {list(exclude)}); blocks found: {names[:-1] or 'none'}")
     pos = {n: i for i, n in enumerate(nodes)}
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
@@ -131,7 +131,7 @@ def split(model: nn.Module, include: tuple[str, ...], exclude: tuple[str, ...]) 
                     if a.op == "placeholder" or (a in pos and pos[a] <= pos[cut])}
         if crossing != {cut}:
             others = sorted(a.name for a in crossing if a is not cut)
-            raise ConfigError(f"ExitConfig.include: cannot cut after {cut.target}: besides its output, "
+            raise ConfigError(f"ExitConfig.layers.include: cannot cut after {cut.target}: besides its output, "
                               f"{others} cross the cut (a skip connection around it); exclude it or pick an outer block")
     if not (isinstance(out_node.args[0], fx.Node)):
         raise ConfigError(f"ExitConfig: {type(model).__name__} returns a {type(out_node.args[0]).__name__}; "
