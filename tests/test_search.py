@@ -214,6 +214,6 @@ def test_keep_float_choices_become_a_quantize_stage(trained, task):
     recipe = to_recipe(p, space, base, None)
     stages = load_recipe(recipe).stages
     assert [s.technique for s in stages] == ["structured_prune", "quantize"]
-    assert stages[-1].config.skip == ("stem.0", "fc") and stages[-1].config.bits == 8
-    _, metrics = evaluate(model, recipe, task)  # simulated int8 with those layers kept float
+    assert stages[-1].config.layers.exclude == ("stem.0", "fc") and stages[-1].config.bits == 8
+    _, metrics = evaluate(model, recipe, task)  # ONNX Runtime int8 with those layers kept float
     assert 0.0 <= metrics["test"] <= 1.0

@@ -9,14 +9,19 @@ plus a ``search`` block; its ``stages`` are ignored (the search writes them)::
       trials: 20                     # evaluated policies
       finetune: {epochs: 1}          # per-policy recovery (TrainConfig fields)
       accuracy_min: 0.9              # optional: exit code 1 when the best is below it
+      int8: false                    # int8-or-float per layer + granularity, on ORT's int8 kernels
 
 Outputs in ``out``: ``baseline.safetensors`` (the trained model every policy starts from),
 ``cost.json`` (the measured latency table), ``trials.json`` (every evaluated policy: metrics,
 costs, the maker; each a point of the Pareto plot), ``pareto.json``, ``best_recipe.yaml`` (the
 best policy as a recipe: ``torchslim run best_recipe.yaml`` reproduces its metric) and
-``search.json`` (summary, with the chosen model's latency measured end to end against the
-table's prediction). ``resume=True`` continues an Optuna study from its storage (SQLite by
-default) and reuses the baseline and the table; the RL agent and the rules start over.
+``search.json`` (summary). Under a latency budget the answer is *measured*: the best trials are
+timed end to end, interleaved with the baseline, until one holds the budget (within
+``tolerance``; ``search.verify``), the table recalibrated by each check; ``search.json`` says
+which holds and by how much, and ``best_recipe.yaml`` is always a policy that held. ``trials.jsonl``
+logs every evaluated policy as it finishes: ``resume=True`` reuses the baseline, the table and that
+log (so a killed rules or RL search replays its finished trials from the log instead of re-running
+them), and an Optuna study continues from its storage (SQLite by default).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -37,7 +42,7 @@ from .export.weights import load_weights, save_weights
 from .isa import machine_facts
 from .recipe import RecipeError, build_dataclass, load_recipe, read_recipe_file
 from .search import cost as cost_mod
-from .search import optuna_search, rules
+from .search import int8_cost, optuna_search, rules, verify
 from .search.space import Policy, build_space
 from .search.trials import Evaluator, best, pareto
 from .train import TrainConfig, fit
@@ -45,7 +50,7 @@ from .utils import atomic_write_text, seed_everything
 from .zoo import build_model, build_task
 
 OUTPUTS = ("baseline.safetensors", "cost.json", "trials.json", "pareto.json", "best_recipe.yaml", "search.json",
-           "search.db", "search.journal", "search.journal.lock")
+           "search.db", "search.journal", "search.journal.lock", "trials.jsonl", "sensitivity.json")
 METHODS = ("uniform", "sensitivity", "rules", "random", "tpe", "nsga2", "rl")
 
 
@@ -75,6 +80,9 @@ class SearchSpec(_Strict):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     sensitivity_sparsity: float = Field(0.8, gt=0.0, lt=1.0)
     table: TableSpec = TableSpec()
+    checks: int = Field(5, ge=1, le=100)           # latency budget: most candidates timed end to end
+    tolerance: float = Field(0.02, ge=0.0, le=0.5)  # measured ratio may exceed the budget by this share
+    int8_backend: Literal["onnxruntime", "simulate"] = "onnxruntime"  # int8: real ORT kernels, priced
 
 
 def parse_budget(budget: dict[str, Any], base_nonzero_bytes: int | None = None) -> rules.Budget:
@@ -153,6 +161,8 @@ def _cost_model(model, space, task, recipe, spec: SearchSpec, out: Path, resume:
         saved = json.loads(path.read_text())
         cm.tables, cm.curve, cm.calibration = saved["tables"], saved["curve"], saved["calibration"]
         cm.base_ms, cm.notes = saved["base_ms"], saved["notes"]
+        if "int8" in saved:
+            cm.int8 = int8_cost.Int8Table.from_dict(saved["int8"])
         log(f"latency table: reusing {path}")
         return cm
     t0 = time.perf_counter()
@@ -160,6 +170,12 @@ def _cost_model(model, space, task, recipe, spec: SearchSpec, out: Path, resume:
                                    grid=spec.table.grid, repeats=spec.table.repeats)
     log(f"latency table: {len(cm.tables)} layers measured in {time.perf_counter() - t0:.1f}s "
         f"(batch {batch}, {threads} thread(s)); {len(cm.notes)} timing warning(s)")
+    if space.int8 and space.int8_backend == "onnxruntime":  # bit widths priced by ORT's int8 kernels
+        t0 = time.perf_counter()
+        cm.int8 = int8_cost.build_int8_table(cm, model, task, batch_size=batch, threads=threads,
+                                             repeats=spec.table.repeats)
+        log(f"int8 table (ONNX Runtime fp32 / int8 per channel / per tensor): {time.perf_counter() - t0:.1f}s; "
+            f"calibrated at {len(cm.int8.calibration)} uniform int8 models")
     atomic_write_text(path, json.dumps(cm.to_dict(), indent=1))
     return cm
 
@@ -170,7 +186,12 @@ def make_policies(ev: Evaluator, spec: SearchSpec, out: Path, log) -> list[dict[
     if m == "uniform":
         ev(rules.uniform(ev.space, ev.cost, ratio)[0], maker=m, fitted=True)
     elif m == "sensitivity":
-        sens = rules.group_sensitivity(ev.model, ev.task, ev.space, spec.sensitivity_sparsity)
+        cached = out / "sensitivity.json"
+        if cached.exists():  # only a resumed search finds it (a fresh one deletes it)
+            sens = json.loads(cached.read_text())
+        else:
+            sens = rules.group_sensitivity(ev.model, ev.task, ev.space, spec.sensitivity_sparsity)
+            atomic_write_text(cached, json.dumps(sens))
         log("sensitivity per group: " + ", ".join(f"{k} {v:.3f}" for k, v in sens.items()))
         ev(rules.sensitivity_rule(sens, ev.space, ev.cost, ratio)[0], maker=m, fitted=True)
     elif m == "rules":
@@ -221,7 +242,7 @@ def _evaluator(path: Path, out: Path, resume: bool, log) -> tuple[Evaluator, Sea
     recipe, spec = read_search_recipe(path)
     task, model, weights = _baseline(recipe, out, resume, log)
     space = build_space(model, task, keep_min=spec.keep_min, sparsities=tuple(spec.sparsities),
-                        int8=spec.int8, step=spec.step)
+                        int8=spec.int8, step=spec.step, int8_backend=spec.int8_backend)
     budget = parse_budget(spec.budget)
     probe = cost_mod.build_cost_model(model, space, task, latency=False)
     if budget.kind == "nonzeros":
@@ -233,7 +254,7 @@ def _evaluator(path: Path, out: Path, resume: bool, log) -> tuple[Evaluator, Sea
     model_spec = base["model"] if isinstance(base["model"], dict) else {"name": base["model"]}
     base["model"] = dict(model_spec, weights=str(weights.resolve()))
     base.pop("out", None)
-    return Evaluator(model, task, space, cm, budget, base, spec.finetune, log=log), spec
+    return Evaluator(model, task, space, cm, budget, base, spec.finetune, log=log, journal=out / "trials.jsonl"), spec
 
 
 def run_search(path: str | Path, out_dir: str | Path | None = None, resume: bool = False, log=print) -> int:
@@ -256,27 +277,50 @@ def run_search(path: str | Path, out_dir: str | Path | None = None, resume: bool
     return 0 if ok else 1
 
 
+def hold_budget(ev: Evaluator, spec: SearchSpec, trials: list[dict[str, Any]], out: Path, log) -> dict[str, Any]:
+    """Under a latency budget: the best trial that holds it as measured (``verify.hold``); the
+    table, recalibrated by the checks, is saved for a resumed search."""
+    measure = ev.base_recipe.get("measure") or {}
+    result = verify.hold(ev, trials, tolerance=spec.tolerance, most=spec.checks,
+                         batch_size=int(measure.get("batch_size", 256)), threads=measure.get("threads", 1), log=log)
+    atomic_write_text(out / "cost.json", json.dumps(ev.cost_model.to_dict(), indent=1))
+    return result
+
+
 def write_outputs(ev: Evaluator, spec: SearchSpec, trials: list[dict[str, Any]], out: Path,
                   seconds: float, log) -> dict[str, Any]:
     key = "latency_ratio" if ev.budget.kind == "latency" else "macs_ratio"
     top = best(trials)
+    held = None
+    if top is not None and ev.budget.kind == "latency":
+        held = hold_budget(ev, spec, trials, out, log)
+        trials = trials + held["extra"]  # + the recalibrated fallback, when one was needed
+        top = held["chosen"]
     summary: dict[str, Any] = {"method": spec.method, "budget": {"kind": ev.budget.kind, "ratio": ev.budget.ratio},
                                "trials": len(trials), "seconds": round(seconds, 1), "best": top,
+                               "resumed_trials": sum(bool(t.get("resumed")) for t in trials),
                                "machine": machine_facts(torch.get_num_threads()),
                                "space": ev.space.describe()}
+    if held is not None:
+        checks = held["checks"]
+        summary["latency_check"] = checks[-1] if top is not None else None
+        summary["latency_checks"] = checks
+        summary["passed_over"] = held["passed_over"]
+        summary["budget_held"] = top is not None
+        if top is not None:
+            summary["measured_latency_ratio"] = checks[-1]["measured_ratio"]
+            summary["budget_margin_pct"] = checks[-1]["margin_pct"]  # > 0: under the budget by that share
     atomic_write_text(out / "trials.json", json.dumps(trials, indent=1))
     atomic_write_text(out / "pareto.json", json.dumps(pareto(trials, key), indent=1))
+    (out / "best_recipe.yaml").unlink(missing_ok=True)  # only a policy that holds the budget is written
     if top is not None:
         recipe = dict(ev.recipe(Policy.from_dict(top["policy"])), name=f"best policy of a {spec.method} search")
         atomic_write_text(out / "best_recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
-        if ev.budget.kind == "latency":
-            measure = ev.base_recipe.get("measure") or {}
-            summary["latency_check"] = cost_mod.check(ev.cost_model, ev.model, [Policy.from_dict(top["policy"])], ev.task,
-                                                      batch_size=int(measure.get("batch_size", 256)),
-                                                      threads=measure.get("threads", 1))[0]
+        measured = (f", measured {summary['measured_latency_ratio']:.3f}x ({summary['budget_margin_pct']:+.1f}% "
+                    f"under the budget)") if held is not None else ""
         log(f"best: val {top['val']:.4f} test {top['test']:.4f} at {top.get(key, float('nan')):.3f}x {key[:-6]}"
-            f" -> {out / 'best_recipe.yaml'}")
+            f"{measured} -> {out / 'best_recipe.yaml'}")
     else:
-        log("no policy within the budget was found")
+        log("no policy within the budget was found" + (" as measured" if held is not None else ""))
     atomic_write_text(out / "search.json", json.dumps(summary, indent=1, default=str))
     return summary

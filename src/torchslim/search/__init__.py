@@ -4,7 +4,8 @@
 ``rules`` (budgets, uniform / sensitivity / user rules), ``optuna_search`` (TPE, random,
 NSGA-II on SQLite or a shared storage), ``agent`` (AMC-style DDPG agent on a gymnasium
 environment), ``policy`` (a policy becomes recipe stages), ``trials`` (the one evaluator
-interface). Techniques never import this package: it writes recipes and applies their stages.
+interface, its resumable trials log), ``verify`` (the answer's latency measured end to end until
+one holds the budget). Techniques never import this package: it writes recipes and applies their stages.
 """
 
 from .cost import CostModel, build_cost_model, materialize
@@ -12,9 +13,10 @@ from .policy import evaluate, to_recipe, to_stages
 from .rules import Budget, fit_budget, group_sensitivity, sensitivity_rule, uniform, user_rules
 from .space import Group, Policy, SearchSpace, build_space
 from .trials import Evaluator, best, pareto
+from .verify import enforce, hold, measure_ratio
 
 __all__ = [
     "Budget", "CostModel", "Evaluator", "Group", "Policy", "SearchSpace", "best", "build_cost_model",
-    "build_space", "evaluate", "fit_budget", "group_sensitivity", "materialize", "pareto",
+    "build_space", "enforce", "evaluate", "fit_budget", "group_sensitivity", "hold", "materialize", "measure_ratio", "pareto",
     "sensitivity_rule", "to_recipe", "to_stages", "uniform", "user_rules",
 ]

@@ -85,6 +85,7 @@ class CostModel:
     calibration: list[dict[str, float]] = field(default_factory=list)
     base_ms: float = 0.0
     notes: list[str] = field(default_factory=list)
+    int8: Any = None  # int8_cost.Int8Table: prices policies with an int8 stage (ORT kernels)
 
     def widths(self, policy: Policy) -> dict[str, tuple[int, int]]:
         by_root = {g.root: self.space.width(g, policy.keep.get(g.root, 1.0)) for g in self.space.groups}
@@ -109,11 +110,18 @@ class CostModel:
             total += float(np.interp(ci, t["in"], row))
         return total
 
+    def table_ratio(self, policy: Policy) -> float:
+        """The table's latency ratio to the unpruned model, before the calibration curve."""
+        return self.latency_ms(policy) / self.latency_ms(Policy({r: 1.0 for r in self.space.roots}))
+
     def cost(self, policy: Policy) -> dict[str, float]:
         full = Policy({r: 1.0 for r in self.space.roots})
         out = {"macs_ratio": self.macs(policy) / max(self.macs(full), 1.0)}
-        if self.tables:
-            table = self.latency_ms(policy) / self.latency_ms(full)
+        if self.tables and policy.keep_float is not None and self.int8 is not None:
+            t8 = self.int8.table_ratio(self.widths(policy), policy.keep_float, policy.granularity or "per_channel")
+            out["latency_ratio"] = self.int8.ratio(t8)
+        elif self.tables:
+            table = self.table_ratio(policy)
             xs, ys = self.curve
             # inside the calibrated range: the curve; below it: proportional to its first point
             out["latency_ratio"] = float(np.interp(table, xs, ys)) if table >= xs[0] else table * ys[0] / max(xs[0], 1e-12)
@@ -127,7 +135,8 @@ class CostModel:
     def to_dict(self) -> dict[str, Any]:
         return {"tables": self.tables, "curve": self.curve,
                 "calibration": self.calibration,
-                "base_ms": self.base_ms, "notes": self.notes}
+                "base_ms": self.base_ms, "notes": self.notes,
+                **({"int8": self.int8.to_dict()} if self.int8 is not None else {})}
 
 
 def _layer_inputs(model: nn.Module, inputs: Any) -> dict[str, tuple[int, ...]]:
@@ -225,15 +234,29 @@ def _calibrate_rest(cm: CostModel, model: nn.Module, space: SearchSpace, inputs:
     cm.notes += [f"calibration: {w}" for w in timing_warnings(res)]
     cm.curve = [[0.0, 1.0], [0.0, 1.0]]
     full = cm.latency_ms(Policy({r: 1.0 for r in space.roots}))
-    x = np.asarray([cm.latency_ms(p) / full for p in pols]) - 1.0
-    y = np.asarray([res[f"u{i}"][basis] / res["full"][basis] for i in range(len(pols))]) - 1.0
+    x = [cm.latency_ms(p) / full for p in pols]
+    y = [res[f"u{i}"][basis] / res["full"][basis] for i in range(len(pols))]
+    cm.calibration = [{"keep": p.to_dict()["keep"], "table_ratio": float(xi), "measured_ratio": float(yi)}
+                      for p, xi, yi in zip(pols, x, y)]
+    fit_curve(cm)
+    cm.base_ms = float(res["full"][basis])
+
+
+def fit_curve(cm: CostModel) -> None:
+    """(Re)fit ``cm.curve`` through every point of ``cm.calibration`` (table ratio -> measured
+    ratio); ``verify.recalibrate`` adds the end-to-end checks of chosen policies as points."""
+    x = np.asarray([c["table_ratio"] for c in cm.calibration]) - 1.0
+    y = np.asarray([c["measured_ratio"] for c in cm.calibration]) - 1.0
     # a monotone map from table ratio to measured ratio (scikit-learn's isotonic regression,
     # through the full model's (1, 1)): on this kind of CPU, narrow mixed widths run relatively
     # slower inside the model than alone, a curve no single scale or line follows
     from sklearn.isotonic import IsotonicRegression
 
     xs, ys = np.append(x + 1.0, 1.0), np.append(y + 1.0, 1.0)
-    iso = IsotonicRegression(y_min=0.0, increasing=True, out_of_bounds="clip").fit(xs, ys, np.append(np.ones(len(x)), 5.0))
+    # an end-to-end check of a chosen policy (27 interleaved repeats, at the very widths that
+    # matter) weighs 4 calibration points: where it disagrees with them, the curve moves to it
+    w = [4.0 if c.get("source") == "check" else 1.0 for c in cm.calibration]
+    iso = IsotonicRegression(y_min=0.0, increasing=True, out_of_bounds="clip").fit(xs, ys, np.append(w, 5.0))
     # the full model is the reference: its ratio is 1 by definition, and the pooled fit can land
     # a little off it when a narrow model timed slower than full (noise on a busy machine); the
     # curve is pinned there and kept monotone below it (a narrower model never predicted slower)
@@ -242,9 +265,6 @@ def _calibrate_rest(cm: CostModel, model: nn.Module, space: SearchSpace, inputs:
     if cx[-1] < 1.0:
         cx, cy = [*cx, 1.0], [*cy, 1.0]
     cm.curve = [cx, cy]
-    cm.calibration = [{"keep": p.to_dict()["keep"], "table_ratio": float(xi + 1), "measured_ratio": float(yi + 1)}
-                      for p, xi, yi in zip(pols, x, y)]
-    cm.base_ms = float(res["full"][basis])
 
 
 def check(cm: CostModel, model: nn.Module, policies: list[Policy], task: Task, batch_size: int = 256,

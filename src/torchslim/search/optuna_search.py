@@ -17,7 +17,7 @@ from typing import Any
 import optuna
 
 from ..errors import check
-from .space import Policy
+from .space import GRANULARITIES, Policy
 from .trials import Evaluator
 
 METHODS = ("tpe", "random", "nsga2")
@@ -53,10 +53,11 @@ def suggest(trial: optuna.Trial, ev: Evaluator) -> Policy:
         for layer in space.layers:
             if layer != space.classifier:
                 sparsity[layer] = trial.suggest_categorical(f"sparsity:{layer}", list(space.sparsities))
-    keep_float = None
+    keep_float, granularity = None, None
     if space.int8:
         keep_float = tuple(n for n in space.layers if trial.suggest_categorical(f"float:{n}", [False, True]))
-    return Policy(keep, sparsity, keep_float)
+        granularity = trial.suggest_categorical("int8:granularity", list(GRANULARITIES))
+    return Policy(keep, sparsity, keep_float, granularity)
 
 
 def study(method: str, storage: Any, name: str, seed: int, n_trials: int) -> optuna.Study:

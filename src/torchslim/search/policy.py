@@ -1,10 +1,10 @@
 """A policy is data: it becomes an ordinary recipe that ``torchslim run`` reproduces.
 
 Per-group keep ratios become one ``structured_prune`` stage per distinct ratio
-(``channel_keep`` = the ratio, ``ignore`` = the output layers of every other group, so each
+(``channel_keep`` = the ratio, ``layers.exclude`` = the output layers of every other group, so each
 stage touches exactly its own groups); per-layer sparsities one ``prune`` stage
 (``per_layer``); one ``train`` stage fine-tunes; keep-float choices one ``quantize`` stage
-(``skip``). The techniques never learn that a search wrote the recipe.
+(``layers.exclude``). The techniques never learn that a search wrote the recipe.
 
 ``evaluate`` applies those very stages the way the runner does (stage ``i`` seeded with
 ``seed + i + 1``, fine-tune through ``fit`` with the techniques' training hooks), so the metric
@@ -40,18 +40,20 @@ def to_stages(policy: Policy, space: SearchSpace, finetune: dict[str, Any] | Non
         keep = ratio / 1e6
         others = sorted({m for g in space.groups if g.root not in roots for m in g.members})
         stages.append({"name": f"keep-{keep:.3f}", "structured_prune": {
-            "macs_keep": None, "channel_keep": keep, "criterion": criterion, "ignore": others}})
+            "macs_keep": None, "channel_keep": keep, "criterion": criterion, "layers": {"exclude": others}}})
     sparse = {k: float(v) for k, v in policy.sparsity.items() if v > 0}
     if sparse:
         # PruneConfig scales per_layer by (sparsity now / sparsity) and gives unlisted selected
         # layers `sparsity`: so sparsity = the largest value, and only the listed layers selected
         stages.append({"prune": {"sparsity": max(sparse.values()), "per_layer": sparse,
-                                 "include": sorted(sparse), "scope": "layer"}})
+                                 "layers": sorted(sparse), "scope": "layer"}})
     if finetune:
         stages.append({"name": "finetune", "train": dict(finetune)})
     if policy.keep_float is not None:
-        q = dict(quantize or {"bits": 8, "mode": "static"})
-        q["skip"] = list(policy.keep_float)
+        # ONNX Runtime's static int8 kernels: what the int8 latency table priced (int8_cost.py)
+        q = dict(quantize or {"bits": 8, "mode": "static", "backend": space.int8_backend})
+        q["layers"] = {"exclude": list(policy.keep_float)}
+        q.setdefault("granularity", policy.granularity or "per_channel")
         stages.append({"quantize": q})
     return stages
 

@@ -62,7 +62,7 @@ def fit_budget(raw: Policy, space: SearchSpace, cost: CostFn, ratio: float) -> t
     def family(a: float) -> Policy:
         s = 1.0 - a
         keep = {r: raw.keep.get(r, 1.0) / top * s for r in space.roots}
-        return space.clip(Policy(keep, raw.sparsity, raw.keep_float))
+        return space.clip(Policy(keep, raw.sparsity, raw.keep_float, raw.granularity))
 
     return _bisect(family, cost, ratio, 1.0)
 
@@ -75,7 +75,7 @@ def weighted(weights: dict[str, float], space: SearchSpace, cost: CostFn, ratio:
     base = base or Policy()
 
     def family(a: float) -> Policy:
-        return space.clip(Policy({r: 1.0 - a * w[r] for r in space.roots}, base.sparsity, base.keep_float))
+        return space.clip(Policy({r: 1.0 - a * w[r] for r in space.roots}, base.sparsity, base.keep_float, base.granularity))
 
     return _bisect(family, cost, ratio, hi)
 
@@ -90,7 +90,7 @@ def group_sensitivity(model: nn.Module, task: Task, space: SearchSpace, sparsity
     """Per group: the largest metric drop of one of its layers pruned alone to ``sparsity``
     (``prune.sensitivity``'s analysis, magnitude criterion); the model is unchanged."""
     layers = sorted({m for g in space.groups for m in g.members})
-    cfg = PruneConfig(include=tuple(layers), layer_types=("Conv1d", "Conv2d", "Conv3d", "Linear"))
+    cfg = PruneConfig(layers={"include": tuple(layers), "types": ("Conv1d", "Conv2d", "Conv3d", "Linear")})
     rows = sensitivity(model, task, sparsities=(sparsity,), config=cfg, split=split)
     drop = {r["layer"].removesuffix(".weight"): max(float(r["drop"]), 0.0) for r in rows}
     return {g.root: max(drop.get(m, 0.0) for m in g.members) for g in space.groups}
@@ -128,9 +128,9 @@ def user_rules(rules: list[dict[str, Any]], space: SearchSpace, cost: CostFn, ra
     w = {r: weights.get(r, 1.0) for r in free}
 
     def fixed_cost(p: Policy) -> float:
-        return cost(Policy({**p.keep, **fixed}, p.sparsity, p.keep_float))
+        return cost(Policy({**p.keep, **fixed}, p.sparsity, p.keep_float, p.granularity))
 
     sub = SearchSpace([g for g in space.groups if g.root in free], space.layers, space.classifier,
-                      space.keep_min, space.sparsities, space.int8)
+                      space.keep_min, space.sparsities, space.int8, space.step, space.int8_backend)
     pol, ok = weighted(w, sub, fixed_cost, ratio)
     return space.clip(Policy({**pol.keep, **fixed})), ok

@@ -4,7 +4,7 @@ A *group* is a set of Conv/Linear layers whose output channels Torch-Pruning's d
 couples (a conv, the BatchNorm after it, both sides of every residual add): they have one keep
 ratio, so a policy can never ask for a shape the model cannot have. Per layer, a policy may also
 choose an unstructured sparsity (``PruneConfig.per_layer``) and whether the layer stays float
-when an int8 stage follows (``QuantConfig.skip``). A ``Policy`` is plain data (``policy.py``
+when an int8 stage follows (``QuantConfig.layers.exclude``). A ``Policy`` is plain data (``policy.py``
 turns it into a recipe); the space only knows which choices are legal.
 """
 
@@ -33,25 +33,34 @@ class Group:
     channels: int
 
 
+GRANULARITIES = ("per_channel", "per_tensor")  # int8 weight scales the ORT kernels run
+
+
 @dataclass
 class Policy:
     """One point of the space. keep: group root -> kept share of its channels (1 = untouched);
     sparsity: layer -> unstructured sparsity of its weight; keep_float: layers left float by an
-    int8 stage (None: no int8 stage at all)."""
+    int8 stage (None: no int8 stage at all), i.e. each layer's bit width, 8 or 32; granularity:
+    the int8 stage's weight scales (GRANULARITIES; None without an int8 stage)."""
 
     keep: dict[str, float] = field(default_factory=dict)
     sparsity: dict[str, float] = field(default_factory=dict)
     keep_float: tuple[str, ...] | None = None
+    granularity: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"keep": {k: round(v, 6) for k, v in self.keep.items()},
-                "sparsity": {k: round(v, 6) for k, v in self.sparsity.items()},
-                "keep_float": None if self.keep_float is None else list(self.keep_float)}
+        out = {"keep": {k: round(v, 6) for k, v in self.keep.items()},
+               "sparsity": {k: round(v, 6) for k, v in self.sparsity.items()},
+               "keep_float": None if self.keep_float is None else list(self.keep_float)}
+        if self.granularity is not None:  # only int8 policies carry it (older keys stay the same)
+            out["granularity"] = self.granularity
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Policy:
         kf = data.get("keep_float")
-        return cls(dict(data.get("keep", {})), dict(data.get("sparsity", {})), None if kf is None else tuple(kf))
+        return cls(dict(data.get("keep", {})), dict(data.get("sparsity", {})), None if kf is None else tuple(kf),
+                   data.get("granularity"))
 
     def key(self) -> str:
         import json
@@ -72,6 +81,7 @@ class SearchSpace:
     sparsities: tuple[float, ...] = ()
     int8: bool = False
     step: int | None = 8
+    int8_backend: str = "onnxruntime"  # the quantize stage's backend ("simulate": accuracy only)
 
     def __post_init__(self) -> None:
         check(self.step is None or (isinstance(self.step, int) and 1 <= self.step <= 1024), "SearchSpace.step",
@@ -80,6 +90,8 @@ class SearchSpace:
         check(all(0.0 <= s < 1.0 for s in self.sparsities), "SearchSpace.sparsities",
               f"each must be in [0, 1), got {list(self.sparsities)}")
         check(len(self.sparsities) <= 16, "SearchSpace.sparsities", "give at most 16 values")
+        check(self.int8_backend in ("onnxruntime", "simulate"), "SearchSpace.int8_backend",
+              f"must be 'onnxruntime' (real int8 kernels, priced) or 'simulate', got {self.int8_backend!r}")
 
     # -- choices ---------------------------------------------------------------------------
     @property
@@ -112,17 +124,18 @@ class SearchSpace:
                     near = min(self.sparsities, key=lambda v: abs(v - s))
                     if near > 0:
                         sp[layer] = near
-        kf = None
+        kf, gran = None, None
         if self.int8 and policy.keep_float is not None:
             kf = tuple(n for n in self.layers if n in set(policy.keep_float))
-        return Policy(keep, sp, kf)
+            gran = policy.granularity if policy.granularity in GRANULARITIES else GRANULARITIES[0]
+        return Policy(keep, sp, kf, gran)
 
     def canonical(self, policy: Policy) -> Policy:
         """The same policy with each keep written as the share it realizes (width / channels),
         so that a written (rounded) policy always maps back to the very same widths."""
         p = self.clip(policy)
         keep = {g.root: self.width(g, p.keep[g.root]) / g.channels for g in self.groups}
-        return Policy(keep, p.sparsity, p.keep_float)
+        return Policy(keep, p.sparsity, p.keep_float, p.granularity)
 
     def uniform(self, keep: float) -> Policy:
         return self.clip(Policy({r: keep for r in self.roots}, {}, () if self.int8 else None))
@@ -130,11 +143,13 @@ class SearchSpace:
     def describe(self) -> dict[str, Any]:
         return {"groups": [{"root": g.root, "members": list(g.members), "channels": g.channels} for g in self.groups],
                 "layers": self.layers, "classifier": self.classifier, "keep_min": self.keep_min,
-                "sparsities": list(self.sparsities), "int8": self.int8, "step": self.step}
+                "sparsities": list(self.sparsities), "int8": self.int8, "step": self.step,
+                "int8_backend": self.int8_backend}
 
 
 def build_space(model: nn.Module, task: Task, keep_min: float = 0.25, sparsities: tuple[float, ...] = (),
-                int8: bool = False, ignore: tuple[str, ...] = (), step: int | None = 8) -> SearchSpace:
+                int8: bool = False, ignore: tuple[str, ...] = (), step: int | None = 8,
+                int8_backend: str = "onnxruntime") -> SearchSpace:
     """The space of ``model``: one group per set of coupled channels (from the dependency
     graph; the classifier's outputs and ``ignore``d layers are never pruned)."""
     example = task.example_inputs(batch_size=1)
@@ -152,7 +167,8 @@ def build_space(model: nn.Module, task: Task, keep_min: float = 0.25, sparsities
     groups.sort(key=lambda g: min(order.get(m, math.inf) for m in g.members))
     names = graph.module_names(model)
     layers = sorted((n for m, n in names.items() if isinstance(m, graph.ROOT_TYPES)), key=lambda n: order.get(n, math.inf))
-    return SearchSpace(groups, layers, names.get(head) if head is not None else None, keep_min, tuple(sparsities), int8, step)
+    return SearchSpace(groups, layers, names.get(head) if head is not None else None, keep_min, tuple(sparsities), int8, step,
+                       int8_backend)
 
 
 def _forward_order(model: nn.Module, example: Any) -> list[str]:

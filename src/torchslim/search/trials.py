@@ -5,15 +5,28 @@ stages (``policy.to_stages``), runs them on the trained model the way ``torchsli
 (``policy.evaluate``: structured pruning, sparsity, a short fine-tune) and returns a record:
 the policy, val and test metric, predicted latency ratio, exact MACs ratio, parameters and
 non-zeros, seconds. The objective is the *val* metric; test is reported, never optimized.
+
+With ``journal`` (a file of JSON lines, one per evaluated policy, keyed by the policy) the
+evaluator resumes: a policy the log already holds is answered from it (``resumed: true``) instead
+of being pruned and fine-tuned again. Every maker is deterministic given its seed and the metrics
+it is fed, so a killed rules or RL search that is started again replays its finished trials from
+the log and carries on where it stopped (Optuna resumes from its own storage as well).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from torch import nn
 
 from ..task import Task
@@ -33,9 +46,15 @@ class Evaluator:
     base_recipe: dict[str, Any]          # task, model (+weights), seed, measure: no stages
     finetune: dict[str, Any] | None      # TrainConfig fields of the per-policy fine-tune
     log: Callable[[str], None] = print
+    journal: str | Path | None = None    # the trials log a resumed search reads (see module doc)
     trials: list[dict[str, Any]] = field(default_factory=list)
     _cache: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _done: dict[str, dict[str, Any]] = field(default_factory=dict)
     _base_nonzeros: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.journal is not None:
+            self._done = read_journal(self.journal)
 
     def cost(self, p: Policy) -> float:
         """The budgeted quantity of p as a share of the unpruned model's."""
@@ -62,8 +81,15 @@ class Evaluator:
             rec = dict(self._cache[key], maker=maker, cached=True, index=len(self.trials))
             self.trials.append(rec)
             return rec
+        if key in self._done:  # evaluated before the search was interrupted: not run again
+            rec = dict(self._done.pop(key), maker=maker, cached=False, resumed=True, index=len(self.trials))
+            self._cache[key] = rec
+            self.trials.append(rec)
+            self.log(f"trial {rec['index']:3d} [{maker}] val {rec['val']:.4f} (from the trials log)")
+            return rec
         t0 = time.perf_counter()
-        _, metrics = policy_mod.evaluate(self.model, self.recipe(p), self.task)
+        with _own_rng():
+            _, metrics = policy_mod.evaluate(self.model, self.recipe(p), self.task)
         c = self.cost_model.cost(p)
         counts = self.cost_model.counts(self.model, p, self.task.example_inputs(batch_size=1))
         rec = {"index": len(self.trials), "maker": maker, "policy": p.to_dict(), "feasible": feasible,
@@ -71,10 +97,52 @@ class Evaluator:
                "seconds": round(time.perf_counter() - t0, 3), "cached": False}
         self._cache[key] = rec
         self.trials.append(rec)
+        if self.journal is not None:
+            append_journal(self.journal, key, rec)
         self.log(f"trial {rec['index']:3d} [{maker}] val {rec['val']:.4f} test {rec['test']:.4f} "
                  f"latency {c.get('latency_ratio', float('nan')):.3f}x macs {c['macs_ratio']:.3f}x "
                  f"({rec['seconds']:.1f}s)")
         return rec
+
+
+@contextlib.contextmanager
+def _own_rng():
+    """An evaluation reseeds the global RNGs (each stage is seeded, as the runner does); the
+    maker's own random stream (the agent's exploration noise, its replay sampling) is restored
+    after it, so the maker draws the same numbers whether a trial ran or came from the log."""
+    state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.set_rng_state(state[2])
+
+
+def read_journal(path: str | Path) -> dict[str, dict[str, Any]]:
+    """policy key -> record, from a trials log; a torn last line (a kill mid-write) is skipped."""
+    out: dict[str, dict[str, Any]] = {}
+    p = Path(path)
+    if not p.exists():
+        return out
+    for line in p.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            out.setdefault(row["key"], row["record"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def append_journal(path: str | Path, key: str, rec: dict[str, Any]) -> None:
+    """One line per finished evaluation, appended and synced. Appended rather than rewritten
+    atomically (``atomic_write``): the log only grows, a reader skips a torn last line, and
+    worker processes on one output folder may append to it concurrently (O_APPEND)."""
+    line = json.dumps({"key": key, "record": rec}, default=str) + "\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def best(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
