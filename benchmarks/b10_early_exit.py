@@ -1,6 +1,6 @@
 """B10: early exits and a cascade on rescnn1d / MNIST-1D — real (not simulated) skipping.
 
-A dense rescnn1d (width 64) is trained with torchslim.train.fit. Then:
+A dense rescnn1d (width 64) is trained with torchslim.core.train.fit. Then:
 
 - exits: ``early_exit`` puts heads (64 hidden units) after ``layers.0`` and ``layers.1``, trained
   with the backbone frozen (distilled from the final head), calibrated on the val split for
@@ -19,7 +19,7 @@ A dense rescnn1d (width 64) is trained with torchslim.train.fit. Then:
   against dense and against segments + heads without exit tests, all timed in the same repeats.
 
 Latency: mean time per test sample of one pass over the test set at batch 1 and batch 64, all
-candidates timed round-robin in the same repeats (torchslim.measure.compare_latency, 1 torch
+candidates timed round-robin in the same repeats (torchslim.core.measure.compare_latency, 1 torch
 thread), eager PyTorch and TorchScript (the exported form). Speedup = dense median / candidate
 median. Re-run on a quiet machine with ``python benchmarks/b10_early_exit.py`` (or run.py B10).
 MiniLM is not part of this run: early exits support Hugging Face BERT classifiers
@@ -37,13 +37,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from torchslim.core.measure import compare_latency
+from torchslim.core.measure.latency import torch_threads
+from torchslim.core.measure.timing import timing_warnings
+from torchslim.core.train import TrainConfig, fit
 from torchslim.dynamic import CascadeConfig, ExitConfig, cascade, early_exit, to_torchscript
 from torchslim.dynamic.exits import set_threshold
 from torchslim.dynamic.policy import NEVER
-from torchslim.measure import compare_latency
-from torchslim.measure_latency import torch_threads
-from torchslim.measure_timing import timing_warnings
-from torchslim.train import TrainConfig, fit
 from torchslim.zoo import build_model, build_task
 
 ID = "B10"
@@ -131,7 +131,7 @@ def run(quick: bool) -> dict:
                                        "head_accuracy_val")}
     joint["accuracy_drop_pt"] = 100 * (dense_acc - joint["test_accuracy"])
     ee_joint = jres.model.eval()
-    from torchslim.prune.structured import StructuredPruneConfig, prune_structured
+    from torchslim.pruning.structured import StructuredPruneConfig, prune_structured
 
     small, _ = prune_structured(dense, StructuredPruneConfig(macs_keep=0.25, criterion="l2"), task)
     fit(small, task, train(ft, 1e-3))
@@ -239,7 +239,7 @@ def _segment_task(ee, task, k: int, max_batches: int):
     calibrating that segment's int8 activation ranges."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from torchslim.task import Task
+    from torchslim.core.task import Task
 
     def loader(split: str) -> DataLoader:
         hs, ys = [], []
@@ -272,8 +272,8 @@ def _composition(dense, task, x, y, train, ft, quick) -> dict:
     segments. Against dense fp32 and the whole pruned model in ONNX Runtime int8."""
     from torchslim.dynamic.exits import head_logits
     from torchslim.dynamic.policy import calibrate
-    from torchslim.prune.structured import StructuredPruneConfig, prune_structured
-    from torchslim.quantize import QuantConfig, quantize
+    from torchslim.pruning.structured import StructuredPruneConfig, prune_structured
+    from torchslim.quantization import QuantConfig, quantize
 
     qcfg = QuantConfig(mode="static", calibration="percentile", backend="onnxruntime")
     pruned, _ = prune_structured(dense, StructuredPruneConfig(macs_keep=0.5, criterion="l2"), task)

@@ -41,14 +41,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from torchslim.measure_latency import compare_latency
-from torchslim.measure_timing import timing_warnings
+from torchslim.core.measure.latency import compare_latency
+from torchslim.core.measure.timing import timing_warnings
+from torchslim.core.train import TrainConfig, fit
 from torchslim.online import ArrayStream, Concat, OnlineConfig, online
-from torchslim.prune import PruneConfig, StructuredPruneConfig, prune
-from torchslim.quantize import QuantConfig, quantize
-from torchslim.share import ShareConfig
-from torchslim.share import apply as share
-from torchslim.train import TrainConfig, fit
+from torchslim.pruning import PruneConfig, StructuredPruneConfig, prune
+from torchslim.quantization import QuantConfig, quantize
+from torchslim.sharing import ShareConfig
+from torchslim.sharing import apply as share
 from torchslim.zoo import build_model, build_task
 
 ID = "B11"

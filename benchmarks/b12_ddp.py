@@ -6,7 +6,7 @@ process, saved), then every launch loads it and runs ``torchslim.prune`` with th
 Configurations, launched interleaved (1, 2, 3, 1, 2, 3, ...) so that machine load hits them
 alike: one process with 1 thread, one process with 2 threads (the same cores as two ranks) and
 ``torchrun --nproc_per_node 2`` with 1 thread per rank. Global batch 128 in every case (per
-rank 64; ``torchslim.distributed``), same lr. Throughput = training samples processed / wall
+rank 64; ``torchslim.core.distributed``), same lr. Throughput = training samples processed / wall
 seconds of the fine-tune (validation each epoch included; process start-up excluded), median
 over rounds. Accuracy after the fine-tune and the masks are compared between 1 and 2 processes;
 masks are compared across the two ranks by digest.
@@ -44,11 +44,11 @@ def _task(quick: bool):
 def worker(weights: str, quick: str, threads: str, out: str) -> None:
     """One launch (inside torchrun or alone): gradual pruning + fine-tune, timed."""
     import torchslim
-    from torchslim import distributed
+    from torchslim.core import distributed
+    from torchslim.core.train import TrainConfig
     from torchslim.export.weights import load_weights
-    from torchslim.prune import PruneConfig
-    from torchslim.prune.masks import masks_of
-    from torchslim.train import TrainConfig
+    from torchslim.pruning import PruneConfig
+    from torchslim.pruning.masks import masks_of
     from torchslim.zoo import build_model
 
     distributed.init_from_env()
@@ -103,8 +103,8 @@ def _launch(nproc: int, threads: int, weights: Path, quick: bool, out: Path) -> 
 
 
 def run(quick: bool = False) -> dict:
+    from torchslim.core.train import TrainConfig, fit
     from torchslim.export.weights import save_weights
-    from torchslim.train import TrainConfig, fit
     from torchslim.zoo import build_model
 
     rounds = 2 if quick else 3

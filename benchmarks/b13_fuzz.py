@@ -1,5 +1,5 @@
 """B13: the fuzz harness at full size (issue 12, point 7): >= 2,000 generated recipes, command
-lines, data files and artifacts through ``torchslim.cli.main``, each with a time limit, plus a
+lines, data files and artifacts through ``torchslim.app.cli.main``, each with a time limit, plus a
 sample in fresh processes (real stderr, real exit code, wall-clock kill). Nothing is trained:
 each command stops at its first training step or measurement (tests/fuzz/harness.py).
 

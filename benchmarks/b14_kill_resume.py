@@ -33,7 +33,7 @@ RECIPE = {
 
 
 def _cmd(recipe: Path, out: Path, resume: bool) -> list[str]:
-    return [sys.executable, "-m", "torchslim.cli", "run", str(recipe), "--out", str(out), "--no-report",
+    return [sys.executable, "-m", "torchslim.app.cli", "run", str(recipe), "--out", str(out), "--no-report",
             *(["--resume"] if resume else [])]
 
 

@@ -1,9 +1,9 @@
 """B1: Deep Compression on LeNet-300-100 / sklearn digits: prune -> share -> entropy-coded archive.
 
-Pipeline per seed (Han et al., ICLR 2016): dense training (torchslim.train.fit) -> gradual
+Pipeline per seed (Han et al., ICLR 2016): dense training (torchslim.core.train.fit) -> gradual
 magnitude pruning with fine-tuning (torchslim.prune PruneConfig, cubic schedule, global
 threshold) -> k-means weight sharing with centroid fine-tuning and fp16 biases
-(torchslim.share ShareConfig) -> compact archive (torchslim.export.archive). Accuracy of the
+(torchslim.sharing ShareConfig) -> compact archive (torchslim.export.archive). Accuracy of the
 final model is measured on the model *loaded back from the archive*. Compression ratio = bytes
 of the dense fp32 state dict written by torch.save / bytes of the archive file. Also recorded:
 the pruned model in the sparse safetensors format (pruning alone), a per-layer table like the
@@ -79,8 +79,8 @@ def coder_totals(stats: dict) -> dict[str, int]:
 
 
 def dense_model(seed: int, quick: bool):
-    from torchslim.train import TrainConfig, fit
-    from torchslim.utils import seed_everything
+    from torchslim.core.train import TrainConfig, fit
+    from torchslim.core.utils import seed_everything
     from torchslim.zoo import build_model, build_task
 
     task = build_task("digits", seed=seed)
@@ -91,13 +91,13 @@ def dense_model(seed: int, quick: bool):
 
 
 def one_seed(seed: int, sparsity: float, task, dense, quick: bool, workdir: Path) -> dict:
+    from torchslim.core.train import TrainConfig
     from torchslim.export.archive import load_archive, save_archive
     from torchslim.export.sparse import save_sparse
-    from torchslim.prune.unstructured import PruneConfig
-    from torchslim.prune.unstructured import apply as prune
-    from torchslim.share import ShareConfig
-    from torchslim.share import apply as share
-    from torchslim.train import TrainConfig
+    from torchslim.pruning.unstructured import PruneConfig
+    from torchslim.pruning.unstructured import apply as prune
+    from torchslim.sharing import ShareConfig
+    from torchslim.sharing import apply as share
     from torchslim.zoo import build_model
 
     epochs = (15, 20, 3) if quick else (60, 80, 10)

@@ -28,7 +28,7 @@ Python standard-library docstrings, 2 threads):
 
 Fidelity: mean cosine to the fp32 embeddings and top-10 nearest-neighbour agreement over the
 test sentences. Latency: interleaved medians (compare_latency); the machine is shared. The
-result's ``machine`` is ``torchslim.isa.machine_facts``: CPU, ISA (AVX2 / VNNI / AMX) and threads,
+result's ``machine`` is ``torchslim.core.isa.machine_facts``: CPU, ISA (AVX2 / VNNI / AMX) and threads,
 which decide every int8 peer's speed.
 
     python benchmarks/b2_minilm_int8.py --quick --out /tmp/B2_quick.json   # smoke run
@@ -69,9 +69,9 @@ def _candidates(model, task, threads):
     """(name -> (model, seconds to build, file bytes, note), ORT plan info, skipped peers)."""
     import peers_openvino
 
-    from torchslim.measure import state_dict_bytes
-    from torchslim.quantize import ptq
-    from torchslim.quantize.backends import (
+    from torchslim.core.measure import state_dict_bytes
+    from torchslim.quantization import ptq
+    from torchslim.quantization.backends import (
         OrtQuantConfig,
         TorchaoConfig,
         ort_fp32,
@@ -79,7 +79,7 @@ def _candidates(model, task, threads):
         saved_bytes,
         torchao_quantize,
     )
-    from torchslim.quantize.config import QuantConfig
+    from torchslim.quantization.config import QuantConfig
 
     ex = task.example_inputs()
     out = {"torch_fp32": (model, 0.0, state_dict_bytes(model), "PyTorch eager fp32")}
@@ -114,9 +114,9 @@ def _one_thread(cands: dict, batches: list, repeats: int) -> dict:
     """The ONE_THREAD candidates timed side by side with torch and ONNX Runtime at 1 thread."""
     from peers_openvino import OvModel
 
-    from torchslim.measure import compare_latency
-    from torchslim.quantize.backends import OrtModel
-    from torchslim.task import call_model
+    from torchslim.core.measure import compare_latency
+    from torchslim.core.task import call_model
+    from torchslim.quantization.backends import OrtModel
 
     models = {k: cands[k][0] for k in ONE_THREAD if k in cands}
     models = {k: OrtModel(m.onnx_bytes, m.input_names, 1) if isinstance(m, OrtModel)
@@ -129,9 +129,9 @@ def run(quick: bool = False) -> dict:
     import peers_openvino
     import torch
 
-    from torchslim.isa import machine_facts
-    from torchslim.measure import compare_latency
-    from torchslim.task import call_model
+    from torchslim.core.isa import machine_facts
+    from torchslim.core.measure import compare_latency
+    from torchslim.core.task import call_model
     from torchslim.zoo.minilm import load_minilm, minilm_task
 
     warnings.filterwarnings("ignore")

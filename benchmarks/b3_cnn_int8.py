@@ -24,7 +24,7 @@ BATCH = 256
 
 
 def _setups(quick: bool):
-    from torchslim.train import TrainConfig
+    from torchslim.core.train import TrainConfig
 
     return {
         "lenet300_digits": {"task": ("digits", {}), "model": "lenet300",
@@ -37,12 +37,12 @@ def _setups(quick: bool):
 def _one_seed(name, setup, seed, timing):
     import dataclasses
 
-    from torchslim.measure import compare_latency
-    from torchslim.quantize import ptq
-    from torchslim.quantize.backends import OrtModel, ort_fp32, saved_bytes
-    from torchslim.quantize.config import QuantConfig
-    from torchslim.train import fit
-    from torchslim.utils import seed_everything
+    from torchslim.core.measure import compare_latency
+    from torchslim.core.train import fit
+    from torchslim.core.utils import seed_everything
+    from torchslim.quantization import ptq
+    from torchslim.quantization.backends import OrtModel, ort_fp32, saved_bytes
+    from torchslim.quantization.config import QuantConfig
     from torchslim.zoo import build_model, build_task
 
     seed_everything(seed)
@@ -75,7 +75,7 @@ def _one_seed(name, setup, seed, timing):
         lat1 = compare_latency({k: (lambda m=m: m(x)) for k, m in one.items()}, warmup=3, repeats=20, threads=1)
         row["latency_ms_1thread"] = {k: v["median_ms"] for k, v in lat1.items()}
         row["speedup_vs_torch_fp32_1thread"] = {k: lat1["torch_fp32"]["median_ms"] / v["median_ms"] for k, v in lat1.items()}
-        from torchslim.measure import state_dict_bytes
+        from torchslim.core.measure import state_dict_bytes
 
         row["fp32_state_dict_bytes"] = state_dict_bytes(model)
     return row
@@ -145,7 +145,7 @@ LSQ_NOISE_PT = 0.5
 
 
 def _qat_setups(quick: bool):
-    from torchslim.train import TrainConfig
+    from torchslim.core.train import TrainConfig
 
     return {
         "lenet300_digits": {"task": ("digits", {}), "model": "lenet300",
@@ -159,10 +159,10 @@ def _qat_one_seed(setup, seed, quick):
     import copy
     import dataclasses
 
-    from torchslim.quantize import ptq, qat
-    from torchslim.quantize.config import QuantConfig
-    from torchslim.train import fit
-    from torchslim.utils import seed_everything
+    from torchslim.core.train import fit
+    from torchslim.core.utils import seed_everything
+    from torchslim.quantization import ptq, qat
+    from torchslim.quantization.config import QuantConfig
     from torchslim.zoo import build_model, build_task
 
     seed_everything(seed)
@@ -171,7 +171,7 @@ def _qat_one_seed(setup, seed, quick):
     fit(model, task, dataclasses.replace(setup["train"], seed=seed))
     fp32 = task.evaluate(model.eval())
     # the QAT budget (before issue 11: qat_epochs / qat_lr / qat_steps, optimizer Adam, seed = the config's)
-    from torchslim.train import TrainConfig
+    from torchslim.core.train import TrainConfig
 
     budget = {"finetune": TrainConfig(epochs=QAT_EPOCHS, max_steps=3 if quick else None, lr=QAT_LR, optimizer="Adam",
                                       seed=seed)}
@@ -221,7 +221,7 @@ def run_qat_vs_ptq_4bit(quick: bool = False) -> dict:
 
     import torch
 
-    from torchslim.quantize import qat
+    from torchslim.quantization import qat
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -15,7 +15,7 @@
    teacher's soft targets on them, same steps. Here the student alone is within ~1 pt of the
    teacher (~35 of 4,000 test signals) and distillation does not help it (reported, not tuned).
 3. Distillation as recovery: the teacher structurally pruned to 50% of its MACs
-   (torchslim.prune.structured), then plain fine-tuning vs distillation from the unpruned
+   (torchslim.pruning.structured), then plain fine-tuning vs distillation from the unpruned
    teacher at the same budget, 3 seeds.
 4. Low-rank latency: a 1024x1024 Linear factorized to half its MACs, timed side by side.
 
@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from torchslim.distill import DistillConfig
-from torchslim.distill import apply as distill
+from torchslim.core.measure import compare_latency, count_macs
+from torchslim.core.train import TrainConfig, fit
+from torchslim.distillation import DistillConfig
+from torchslim.distillation import apply as distill
 from torchslim.lowrank import LowRankConfig, factorize_layers
-from torchslim.measure import compare_latency, count_macs
-from torchslim.train import TrainConfig, fit
 from torchslim.zoo import build_model, build_task
 
 ID = "B4"
@@ -163,9 +163,9 @@ def full_labels(task, teacher: nn.Module, seeds: list[int], epochs: int) -> dict
 def recovery(task, teacher: nn.Module, seeds: list[int], epochs: int) -> dict[str, Any]:
     """50%-MACs structured pruning of the teacher, then fine-tune vs distill (same budget)."""
     try:
-        from torchslim.prune.structured import StructuredPruneConfig, prune_structured
+        from torchslim.pruning.structured import StructuredPruneConfig, prune_structured
     except ImportError as exc:  # the colleague's module is not there
-        return {"skipped": f"torchslim.prune.structured unavailable: {exc}"}
+        return {"skipped": f"torchslim.pruning.structured unavailable: {exc}"}
     pruned, info = prune_structured(teacher, StructuredPruneConfig(macs_keep=0.5, criterion="l2"), task)
     out: dict[str, Any] = {"macs_ratio": info["macs_ratio"], "params_before": info["params_before"],
                            "params_after": info["params_after"], "acc_pruned_no_training": task.evaluate(pruned),

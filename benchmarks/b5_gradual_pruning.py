@@ -23,10 +23,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
+from torchslim.core.measure import file_bytes, state_dict_bytes
+from torchslim.core.train import TrainConfig, fit
 from torchslim.export.sparse import save_sparse
-from torchslim.measure import file_bytes, state_dict_bytes
-from torchslim.prune.unstructured import PruneConfig, apply, weight_sparsity
-from torchslim.train import TrainConfig, fit
+from torchslim.pruning.unstructured import PruneConfig, apply, weight_sparsity
 from torchslim.zoo import build_model, build_task
 
 ID = "B5"

@@ -16,7 +16,7 @@ HEADLINE = ["demo_seconds", "demo_warm_seconds", "peak_rss_gb", "ptq_minilm_seco
 
 
 def _timed_demo(cache: str, out: str, retrain: bool) -> tuple[float, int, str]:
-    cmd = [sys.executable, "-m", "torchslim.cli", "demo", "--out", out, "--cache-dir", cache]
+    cmd = [sys.executable, "-m", "torchslim.app.cli", "demo", "--out", out, "--cache-dir", cache]
     if retrain:
         cmd.append("--retrain")
     start = time.perf_counter()
@@ -32,7 +32,7 @@ def _ptq_minilm_seconds() -> tuple[float, dict]:
     """Wall time of torchslim.quantize on the bundled MiniLM with B2's configuration
     (calibration, simulation, ONNX export, graph fusion, ORT int8 conversion), model and task
     already loaded."""
-    from torchslim.quantize import QuantConfig, quantize
+    from torchslim.quantization import QuantConfig, quantize
     from torchslim.zoo import build_model, build_task
 
     task = build_task("minilm", n_sentences=512)

@@ -1,7 +1,7 @@
 """B7 (structured part): our structured pruning vs Torch-Pruning at equal MACs, plus MiniLM heads/FFN.
 
 rescnn1d (width 64, BatchNorm, residual) on MNIST-1D: a dense model is trained with
-torchslim.train.fit; then (a) ours: StructuredPruneConfig(macs_keep=0.5) and (b) Torch-Pruning's
+torchslim.core.train.fit; then (a) ours: StructuredPruneConfig(macs_keep=0.5) and (b) Torch-Pruning's
 MetaPruner + GroupMagnitudeImportance (uniform ratio bisected to the same MACs) both get the same
 fine-tune budget. Accuracy per seed, latency of dense / ours / peer timed interleaved at batch 256
 in PyTorch eager. MiniLM: 25% of heads and 25% of FFN neurons removed (no fine-tune), params,
@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from torchslim.measure import compare_latency, count_macs
-from torchslim.prune.structured import StructuredPruneConfig, prune_structured
-from torchslim.train import TrainConfig, fit
+from torchslim.core.measure import compare_latency, count_macs
+from torchslim.core.train import TrainConfig, fit
+from torchslim.pruning.structured import StructuredPruneConfig, prune_structured
 from torchslim.zoo import build_model, build_task
 
 ID = "B7"
@@ -106,7 +106,7 @@ def _rescnn(quick: bool) -> dict:
 
 
 def _minilm(quick: bool) -> dict:
-    from torchslim.prune.transformer import TransformerPruneConfig, prune_transformer
+    from torchslim.pruning.transformer import TransformerPruneConfig, prune_transformer
 
     task = build_task("minilm", n_sentences=128 if quick else 512, calib_sentences=64, val_sentences=0,
                       max_length=128, batch_size=64)

@@ -38,7 +38,7 @@ def _summary(run: dict) -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    from torchslim.runner import run_recipe
+    from torchslim.app.runner import run_recipe
 
     recipes = [p for p in sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
                if not {"search", "stream"} & set(yaml.safe_load(p.read_text()) or {})]  # run recipes only

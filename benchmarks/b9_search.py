@@ -37,10 +37,10 @@ HEADLINE = ["gain_over_uniform_pt", "rl_minus_random_pt", "search_minutes", "los
 
 
 def _setup(quick: bool, log):
+    from torchslim.core.train import TrainConfig, fit
+    from torchslim.core.utils import seed_everything
     from torchslim.export.weights import save_weights
     from torchslim.search import build_cost_model, build_space
-    from torchslim.train import TrainConfig, fit
-    from torchslim.utils import seed_everything
     from torchslim.zoo import build_model, build_task
 
     n = 4000 if quick else 10000
@@ -146,7 +146,7 @@ def _worker_scaling(out: Path, trials: int) -> dict:
 
     import yaml
 
-    from torchslim.search_app import run_search
+    from torchslim.app.search import run_search
 
     rows = {}
     for workers in (1, 2):

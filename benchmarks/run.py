@@ -7,7 +7,7 @@
 
 Each benchmark is a module ``benchmarks/b<N>_<name>.py`` with ``ID = "B<N>"``, ``TITLE``,
 ``HEADLINE`` (the headline keys, see ../shared/BENCHMARKS.md) and ``run(quick: bool) -> dict``.
-The runner adds machine facts (CPU, ISA facts from torchslim.isa, threads, versions, date) and
+The runner adds machine facts (CPU, ISA facts from torchslim.core.isa, threads, versions, date) and
 writes results/<ID>-<isa>.json atomically: one file per (benchmark, ISA), one table row each.
 """
 
@@ -40,11 +40,11 @@ def discover() -> dict[str, object]:
 
 
 def machine() -> dict[str, object]:
-    """Where a result was measured: CPU model, ISA facts (torchslim.isa), threads, versions."""
+    """Where a result was measured: CPU model, ISA facts (torchslim.core.isa), threads, versions."""
     import torch
 
     sys.path.insert(0, str(HERE.parent / "src"))
-    from torchslim.isa import machine_facts
+    from torchslim.core.isa import machine_facts
 
     facts = machine_facts()
     return {
@@ -61,14 +61,14 @@ def result_path(bid: str, isa: str) -> Path:
     """results/<ID>-<isa>.json: one file per (benchmark, ISA), so figures from a VNNI machine and
     from an AVX2-only one stand side by side instead of overwriting each other."""
     sys.path.insert(0, str(HERE.parent / "src"))
-    from torchslim.isa import isa_slug
+    from torchslim.core.isa import isa_slug
 
     return RESULTS / f"{bid}-{isa_slug(isa)}.json"
 
 
 def write_result(bid: str, result: dict) -> Path:
     sys.path.insert(0, str(HERE.parent / "src"))
-    from torchslim.utils import atomic_write_text
+    from torchslim.core.utils import atomic_write_text
 
     path = result_path(bid, result["machine"]["isa"])
     atomic_write_text(path, json.dumps(result, indent=2, sort_keys=False, default=float) + "\n")
@@ -118,7 +118,7 @@ def write_table(mods: dict[str, object]) -> None:
     _, tail = rest.split(TABLE_END, 1)
     new = f"{head}{TABLE_START}\n{table(mods)}\n{TABLE_END}{tail}"
     sys.path.insert(0, str(HERE.parent / "src"))
-    from torchslim.utils import atomic_write_text
+    from torchslim.core.utils import atomic_write_text
 
     atomic_write_text(README, new)
 

@@ -29,12 +29,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from torchslim.distill import DistillConfig
+from torchslim.distillation import DistillConfig
 from torchslim.lowrank import LowRankConfig
-from torchslim.measure import count_macs, state_dict_bytes
-from torchslim.stage import apply_stage
-from torchslim.task import Task
-from torchslim.train import TrainConfig, fit
+from torchslim.core.measure import count_macs, state_dict_bytes
+from torchslim.core.stage import apply_stage
+from torchslim.core.task import Task
+from torchslim.core.train import TrainConfig, fit
 from torchslim.zoo.minilm import EMBED_DIM, load_minilm, load_tokenizer
 
 TOPICS = {

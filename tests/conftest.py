@@ -11,8 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def pytest_configure(config):
     # the gallery's torchvision cannot load its C ops beside the CPU torch; transformers imports
-    # torchvision when it is installed, so the workaround must come first (torchslim.compat)
-    from torchslim.compat import import_torchvision
+    # torchvision when it is installed, so the workaround must come first (torchslim.core.compat)
+    from torchslim.core.compat import import_torchvision
 
     import_torchvision()
 
@@ -29,7 +29,7 @@ def _one_thread():
 def lenet300_digits():
     """(LeNet-300-100 briefly trained on digits, in eval mode; the digits task), built per test
     module: the reference model of the int8 backend tests."""
-    from torchslim.train import TrainConfig, fit
+    from torchslim.core.train import TrainConfig, fit
     from torchslim.zoo import build_model, build_task
 
     task = build_task("digits")

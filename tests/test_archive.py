@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from torchslim.errors import TorchslimError
+from torchslim.core.errors import TorchslimError
 from torchslim.export import codec
 from torchslim.export.archive import (
     ArchiveError,
@@ -23,7 +23,7 @@ from torchslim.export.archive import (
     save_archive,
     unpack,
 )
-from torchslim.share import ShareConfig, apply
+from torchslim.sharing import ShareConfig, apply
 from torchslim.zoo import build_model
 
 

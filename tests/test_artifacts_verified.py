@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from torchslim import cli
-from torchslim.errors import WeightsError
+from torchslim.app import cli
+from torchslim.app.runner import run_recipe
+from torchslim.core.errors import WeightsError
 from torchslim.export.sparse import load_sparse, save_sparse
-from torchslim.runner import run_recipe
 
 RECIPE = {"task": {"name": "digits", "kwargs": {"batch_size": 64}}, "model": "lenet300", "seed": 3,
           "stages": [{"prune": {"sparsity": 0.8}}, {"quantize": {"mode": "dynamic", "backend": "onnxruntime"}}],
@@ -98,8 +98,8 @@ def test_weights_checksum_catches_a_flipped_byte(tmp_path, suffix):
 
 def test_quantized_file_checksum(tmp_path):
     from torchslim.export.weights import read_state_dict
-    from torchslim.quantize import QuantConfig, simulate
-    from torchslim.quantize.ptq import save_quantized
+    from torchslim.quantization import QuantConfig, simulate
+    from torchslim.quantization.ptq import save_quantized
     from torchslim.zoo import build_model, build_task
 
     task = build_task("digits", batch_size=64)
@@ -139,7 +139,7 @@ def test_onnx_checksum_is_checked_by_inspect(tmp_path, capsys):
 def test_torchao_file_checksum_and_inspect(tmp_path, capsys):
     pytest.importorskip("torchao")
     from torchslim.export.weights import read_state_dict
-    from torchslim.quantize.torchao_backend import TorchaoConfig, save_torchao, torchao_quantize
+    from torchslim.quantization.torchao_backend import TorchaoConfig, save_torchao, torchao_quantize
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from torchslim.core.errors import ConfigError
+from torchslim.core.stage import STAGES
+from torchslim.core.train import TrainConfig, fit
 from torchslim.dynamic import CascadeConfig, cascade, to_torchscript
 from torchslim.dynamic.policy import simulate
-from torchslim.errors import ConfigError
-from torchslim.stage import STAGES
-from torchslim.train import TrainConfig, fit
 from torchslim.zoo import build_model, build_task
 
 

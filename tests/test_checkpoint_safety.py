@@ -12,7 +12,7 @@ import torch
 import yaml
 from torch import nn
 
-from torchslim.checkpoint import CheckpointError, load_module, save_module
+from torchslim.app.checkpoint import CheckpointError, load_module, save_module
 
 
 def _marker(tmp_path):
@@ -130,7 +130,7 @@ def test_resume_with_a_planted_checkpoint_refuses_in_one_line(tmp_path, planted)
     }))
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torchslim.cli", "run", str(recipe), "--out", str(out), "--no-report"]
+    cmd = [sys.executable, "-m", "torchslim.app.cli", "run", str(recipe), "--out", str(out), "--no-report"]
     assert subprocess.run(cmd, env=env, capture_output=True, check=False).returncode == 0
     assert json.loads((out / ".state" / "state.json").read_text())["checkpointed"] == [0, 1]
     marker = tmp_path / "PWNED"

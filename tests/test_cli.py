@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from torchslim import cli
+from torchslim.app import cli
 from torchslim.export.weights import save_weights
 from torchslim.zoo import build_model
 
@@ -18,14 +18,14 @@ def _run(args, capsys):
 
 def test_help_everywhere():
     for cmd in ([], ["demo"], ["measure"], ["run"], ["report"], ["inspect"], ["machine"]):
-        proc = subprocess.run([sys.executable, "-m", "torchslim.cli", *cmd, "--help"], capture_output=True, text=True, check=False)
+        proc = subprocess.run([sys.executable, "-m", "torchslim.app.cli", *cmd, "--help"], capture_output=True, text=True, check=False)
         assert proc.returncode == 0 and "usage: torchslim" in proc.stdout
 
 
 def test_machine_names_the_isa(capsys):
     import torch
 
-    from torchslim.isa import cpu_isa
+    from torchslim.core.isa import cpu_isa
 
     code, out, _ = _run(["machine", "--json"], capsys)
     facts = json.loads(out)

@@ -11,7 +11,7 @@ import sys
 import pytest
 import yaml
 
-from torchslim import cli
+from torchslim.app import cli
 
 RECIPE = {"name": "nproc", "task": {"name": "digits", "kwargs": {"batch_size": 64}}, "model": "lenet300", "seed": 0,
           "train": {"epochs": 2, "lr": 0.003, "device": "cpu"},

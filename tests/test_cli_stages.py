@@ -1,9 +1,9 @@
 """`torchslim stages` lists every registered stage, and one stage's fields with their defaults,
 ranges (from the config's declared bounds) and docs (issue 11, point 7)."""
 
-from torchslim import cli
-from torchslim.stage import stage_names
-from torchslim.stages_doc import describe
+from torchslim.app import cli
+from torchslim.app.stages_doc import describe
+from torchslim.core.stage import stage_names
 
 
 def test_stages_lists_every_registered_stage(capsys, monkeypatch):

@@ -24,10 +24,10 @@ from torchslim import (
     TrainConfig,
     apply_stage,
 )
+from torchslim.core.errors import ConfigError
 from torchslim.dynamic import ExitConfig
-from torchslim.errors import ConfigError
-from torchslim.prune import LayerDropConfig
-from torchslim.prune.masks import masks_of
+from torchslim.pruning import LayerDropConfig
+from torchslim.pruning.masks import masks_of
 from torchslim.zoo import build_model, build_task
 
 STEPS = TrainConfig(epochs=1, max_steps=4, lr=1e-2, optimizer="SGD", seed=0)

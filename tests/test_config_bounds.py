@@ -11,9 +11,9 @@ import typing
 
 import pytest
 
-from torchslim.bounds import range_of
-from torchslim.errors import ConfigError
-from torchslim.stage import STAGES, load_techniques
+from torchslim.core.bounds import range_of
+from torchslim.core.errors import ConfigError
+from torchslim.core.stage import STAGES, load_techniques
 
 load_techniques()
 
@@ -33,12 +33,12 @@ BY_HAND = {
 
 
 def _sub_configs() -> list[type]:
+    from torchslim.core.measure import MeasureConfig
+    from torchslim.core.train import TrainConfig
     from torchslim.export.onnx import OnnxExportConfig
-    from torchslim.measure import MeasureConfig
-    from torchslim.prune.regrow import RecoveryConfig
-    from torchslim.quantize.ort_backend import OrtQuantConfig
-    from torchslim.quantize.torchao_backend import TorchaoConfig
-    from torchslim.train import TrainConfig
+    from torchslim.pruning.regrow import RecoveryConfig
+    from torchslim.quantization.ort_backend import OrtQuantConfig
+    from torchslim.quantization.torchao_backend import TorchaoConfig
 
     return [OnnxExportConfig, MeasureConfig, RecoveryConfig, OrtQuantConfig, TorchaoConfig, TrainConfig]
 
@@ -75,7 +75,7 @@ def test_numeric_field_bounded_on_both_sides(cls, name):
 
 
 def test_declared_range_message_names_field_and_range():
-    from torchslim.quantize import QuantConfig
+    from torchslim.quantization import QuantConfig
 
     assert range_of(QuantConfig, "batches") is not None
     with pytest.raises(ConfigError) as err:

@@ -12,11 +12,11 @@ import pytest
 import yaml
 
 from test_config_bounds import BASE, CONFIGS
-from torchslim.config_base import SCHEMA_VERSION, check_schema, from_dict, is_config, to_dict
-from torchslim.errors import ConfigError
-from torchslim.recipe import RecipeError, build_dataclass, load_recipe
-from torchslim.stage import STAGES, stage_names
-from torchslim.train import TrainConfig
+from torchslim.app.recipe import RecipeError, build_dataclass, load_recipe
+from torchslim.core.config_base import SCHEMA_VERSION, check_schema, from_dict, is_config, to_dict
+from torchslim.core.errors import ConfigError
+from torchslim.core.stage import STAGES, stage_names
+from torchslim.core.train import TrainConfig
 
 CONTRACT = CONFIGS
 
@@ -52,7 +52,7 @@ def test_unknown_key_refused_in_one_line(cls):
 
 
 def test_nested_round_trip_keeps_types():
-    from torchslim.prune import PruneConfig
+    from torchslim.pruning import PruneConfig
 
     cfg = PruneConfig(sparsity=0.8, finetune=TrainConfig(epochs=3, lr=0.01))
     back = from_dict(PruneConfig, yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
@@ -72,7 +72,7 @@ def test_numbers_are_strict_and_finite():
 
 
 def test_nested_errors_name_the_full_path():
-    from torchslim.prune import PruneConfig
+    from torchslim.pruning import PruneConfig
 
     with pytest.raises(ConfigError) as err:
         PruneConfig(finetune={"epochs": -1})
@@ -106,7 +106,7 @@ def test_schema_version():
 def test_python_objects_have_no_data_form():
     from torch import nn
 
-    from torchslim.distill import DistillConfig
+    from torchslim.distillation import DistillConfig
 
     with pytest.raises(ConfigError, match=r"^DistillConfig: holds a Python object"):
         to_dict(DistillConfig(teacher=nn.Linear(2, 2)))
@@ -151,7 +151,7 @@ def test_one_layer_selection_everywhere():
     a list in a recipe is its include patterns, a mapping its fields."""
     from torch import nn
 
-    from torchslim.selection import LayerSelection, select_layers
+    from torchslim.core.selection import LayerSelection, select_layers
 
     names = stage_names()
     for key in ("prune", "nm", "structured_prune", "quantize", "share", "lowrank"):
@@ -171,7 +171,7 @@ def test_one_layer_selection_everywhere():
 
 def test_error_paths_read_as_written():
     """pydantic's union-member tags ("bits.int") are not part of the path the user wrote."""
-    from torchslim.share import ShareConfig
+    from torchslim.sharing import ShareConfig
 
     cases = [(lambda: ShareConfig(bits=2.5), "ShareConfig.bits: input should be a valid integer, got 2.5"),
              (lambda: ShareConfig(layers=["a", 1]), "ShareConfig.layers.include[1]: input should be a valid string, got 1"),

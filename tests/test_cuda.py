@@ -23,7 +23,7 @@ def _digits():
 
 
 def test_amp_trains_in_fp16_and_matches_fp32():
-    from torchslim.train import TrainConfig, fit
+    from torchslim.core.train import TrainConfig, fit
 
     task, model = _digits()
     fp32 = copy.deepcopy(model)
@@ -39,7 +39,7 @@ def test_amp_trains_in_fp16_and_matches_fp32():
 
 
 def test_cuda_peak_memory_counts_the_activation():
-    from torchslim.measure_memory import peak_memory
+    from torchslim.core.measure.memory import peak_memory
 
     layer = nn.Linear(1024, 1024).cuda()
     x = torch.randn(512, 1024, device="cuda")
@@ -51,8 +51,8 @@ def test_cuda_peak_memory_counts_the_activation():
 
 
 def test_2_4_semi_structured_kernels_match_dense():
-    from torchslim.prune.nm import NMConfig, check_nm
-    from torchslim.stage import apply_stage
+    from torchslim.core.stage import apply_stage
+    from torchslim.pruning.nm import NMConfig, check_nm
     from torchslim.zoo import build_task
 
     torch.manual_seed(0)
@@ -86,9 +86,9 @@ def test_torch_compile_matches_eager_on_cuda():
 
 def test_fit_under_amp_keeps_pruning_masks():
     import torchslim
-    from torchslim.prune import PruneConfig
-    from torchslim.prune.masks import masks_of
-    from torchslim.train import TrainConfig
+    from torchslim.core.train import TrainConfig
+    from torchslim.pruning import PruneConfig
+    from torchslim.pruning.masks import masks_of
 
     task, model = _digits()
     cfg = PruneConfig(sparsity=0.8, finetune=TrainConfig(epochs=1, device="cuda", amp=True))

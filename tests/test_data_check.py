@@ -6,10 +6,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from torchslim.data_check import check_task_and_model
-from torchslim.errors import TaskError
-from torchslim.task import Task
-from torchslim.train import TrainConfig, TrainingError, fit
+from torchslim.core.data_check import check_task_and_model
+from torchslim.core.errors import TaskError
+from torchslim.core.task import Task
+from torchslim.core.train import TrainConfig, TrainingError, fit
 
 
 def _task(x=None, y=None, train=True, n=64, classes=3):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from torchslim.demo import run_demo
+from torchslim.app.demo import run_demo
 from torchslim.export.archive import load_archive
 from torchslim.zoo import build_model, build_task
 

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from torchslim.distill import DistillationHook, DistillConfig, distill_task, kd_loss
-from torchslim.errors import ConfigError
-from torchslim.stage import apply_stage
-from torchslim.task import Task
-from torchslim.train import TrainConfig, fit
+from torchslim.core.errors import ConfigError
+from torchslim.core.stage import apply_stage
+from torchslim.core.task import Task
+from torchslim.core.train import TrainConfig, fit
+from torchslim.distillation import DistillationHook, DistillConfig, distill_task, kd_loss
 
 
 def _softmax(v: list[float], t: float) -> list[float]:
@@ -193,7 +193,7 @@ def test_transfer_example_smoke():
 
 def test_recovery_after_unstructured_pruning_keeps_pruned_weights_zero():
     """Distillation as recovery: the stage's fit gets the pruning MaskKeeper (training_hooks)."""
-    prune = pytest.importorskip("torchslim.prune")
+    prune = pytest.importorskip("torchslim.pruning")
     task, teacher = _task(), _mlp(32, 0)
     fit(teacher, task, TrainConfig(epochs=10, lr=1e-2, device="cpu"))
     pruned = apply_stage(copy.deepcopy(teacher), prune.PruneConfig(sparsity=0.7), task).model

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from torchslim.distill import DistillConfig
-from torchslim.distill import apply as distill
-from torchslim.task import Task
-from torchslim.train import TrainConfig
+from torchslim.core.task import Task
+from torchslim.core.train import TrainConfig
+from torchslim.distillation import DistillConfig
+from torchslim.distillation import apply as distill
 from torchslim.zoo import build_model
 from torchslim.zoo.data import loaders_from_arrays
 

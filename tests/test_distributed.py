@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchslim import distributed
-from torchslim.errors import ConfigError
-from torchslim.runner import run_recipe
-from torchslim.train import TrainConfig
+from torchslim.app.runner import run_recipe
+from torchslim.core import distributed
+from torchslim.core.errors import ConfigError
+from torchslim.core.train import TrainConfig
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
@@ -119,7 +119,7 @@ def test_gradual_pruning_masks_identical_on_both_ranks(ddp, single):
     total = sum(m.numel() for m in r0["masks"].values())
     assert 1 - kept / total == pytest.approx(0.9, abs=1e-3)
     assert j0["gradual_metric"] == pytest.approx(single["gradual_metric"], abs=ACC_TOL)
-    from torchslim.prune.masks import masks_of
+    from torchslim.pruning.masks import masks_of
 
     ref = masks_of(single["gradual"])
     agree = sum(int((ref[k].cpu() == r0["masks"][k]).sum()) for k in ref) / total

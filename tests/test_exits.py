@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
+from torchslim.core.stage import STAGES
+from torchslim.core.train import TrainConfig, fit
 from torchslim.dynamic import ExitConfig, early_exit
 from torchslim.dynamic.exits import build, head_logits, set_threshold
 from torchslim.dynamic.policy import POLICIES, simulate
-from torchslim.stage import STAGES
-from torchslim.train import TrainConfig, fit
 from torchslim.zoo import build_model, build_task
 
 FT = TrainConfig(epochs=4, lr=2e-3, seed=0, device="cpu")

@@ -8,18 +8,18 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from torchslim.core.errors import ConfigError
+from torchslim.core.task import Task
+from torchslim.core.train import TrainConfig, fit
 from torchslim.dynamic import ExitConfig, early_exit
 from torchslim.dynamic.exits import build, set_threshold
 from torchslim.dynamic.policy import simulate
-from torchslim.errors import ConfigError
-from torchslim.task import Task
-from torchslim.train import TrainConfig, fit
 
 transformers = pytest.importorskip("transformers")
 
 
 def _bert(num_labels=3, layers=4):
-    from torchslim.compat import import_torchvision
+    from torchslim.core.compat import import_torchvision
 
     import_torchvision()  # transformers imports torchvision when installed (compat.py)
     from transformers import BertConfig, BertForSequenceClassification

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from torchslim.core.errors import ConfigError
+from torchslim.core.task import Task
 from torchslim.dynamic import ExitConfig, early_exit, to_torchscript
 from torchslim.dynamic.exits import build
 from torchslim.dynamic.policy import simulate
 from torchslim.dynamic.split import split
-from torchslim.errors import ConfigError
-from torchslim.task import Task
 
 
 @pytest.mark.parametrize("kwargs,field", [

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from torchslim.errors import ConfigError
+from torchslim.core.errors import ConfigError
 from torchslim.export.onnx import ExportError, OnnxExportConfig, export_onnx, ort_session, to_feed
 from torchslim.zoo import build_model
 

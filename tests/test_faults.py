@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from torchslim import cli, utils
+from torchslim.app import cli
+from torchslim.core import utils
 
 
 @pytest.mark.parametrize("code,words", [(errno.ENOSPC, "disk full"), (errno.EACCES, "permission denied")])

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from torchslim.errors import ConfigError
+from torchslim.core.errors import ConfigError
+from torchslim.core.stage import apply_stage
+from torchslim.core.train import TrainConfig, fit
 from torchslim.lowrank import LowRankConfig, factorize_layers, rank_for_energy
-from torchslim.stage import apply_stage
-from torchslim.train import TrainConfig, fit
 from torchslim.zoo import build_model, build_task
 
 

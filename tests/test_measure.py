@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from torchslim.errors import ConfigError
-from torchslim.measure import (
+from torchslim.core.errors import ConfigError
+from torchslim.core.measure import (
     MeasureConfig,
     Record,
     compare_latency,
@@ -208,7 +208,7 @@ def test_peak_memory_equals_allocated_bytes():
     # it is checked in a fresh process where only this allocation moves it
     code = (
         "import time, torch\n"
-        "from torchslim.measure_memory import _sampled_rss_peak\n"
+        "from torchslim.core.measure.memory import _sampled_rss_peak\n"
         f"size = {size}\n"
         "def work():\n"
         "    buf = torch.ones(size // 4)\n"
@@ -315,7 +315,7 @@ def test_onnxruntime_runtime_matches_torch(tmp_path):
     torch.onnx.export(
         model, (x,), str(path), input_names=["x"], dynamic_axes={"x": {0: "batch"}}, dynamo=False
     )
-    from torchslim.measure_latency import ort_feeds, ort_session
+    from torchslim.core.measure.latency import ort_feeds, ort_session
 
     sess = ort_session(path, threads=1)
     (out,) = sess.run(None, ort_feeds(sess, x))
@@ -343,7 +343,7 @@ def test_onnxruntime_runtime_matches_torch(tmp_path):
 
 
 def test_shared_weights_count_as_the_weights_they_compute():
-    from torchslim.share import ShareConfig, apply
+    from torchslim.sharing import ShareConfig, apply
     from torchslim.zoo import build_model
 
     model = build_model("lenet300")

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from torchslim.isa import cpu_isa, int8_saturates, machine_facts
-from torchslim.measure import MeasureConfig, Record, format_records, measure
-from torchslim.measure_memory import peak_memory
-from torchslim.measure_timing import runtime_label, shipped_form, timing_warnings
-from torchslim.task import Task
+from torchslim.core.isa import cpu_isa, int8_saturates, machine_facts
+from torchslim.core.measure import MeasureConfig, Record, format_records, measure
+from torchslim.core.measure.memory import peak_memory
+from torchslim.core.measure.timing import runtime_label, shipped_form, timing_warnings
+from torchslim.core.task import Task
 
 
 class _Slow(nn.Module):

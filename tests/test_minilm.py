@@ -11,7 +11,7 @@ import socket
 import pytest
 import torch
 
-from torchslim.errors import ConfigError, TaskError
+from torchslim.core.errors import ConfigError, TaskError
 from torchslim.zoo import build_model, build_task
 from torchslim.zoo import minilm as M
 

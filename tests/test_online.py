@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from torchslim.errors import ConfigError
+from torchslim.core.errors import ConfigError
 from torchslim.online import (
     ArrayStream,
     FolderStream,
@@ -19,9 +19,9 @@ from torchslim.online import (
     fingerprint,
     online,
 )
-from torchslim.prune import PruneConfig, masks_of, prune
-from torchslim.share import ShareConfig, shared_layers
-from torchslim.share import apply as share
+from torchslim.pruning import PruneConfig, masks_of, prune
+from torchslim.sharing import ShareConfig, shared_layers
+from torchslim.sharing import apply as share
 from torchslim.zoo import build_model, build_task
 
 STEPS = 1000
@@ -133,7 +133,7 @@ def test_shared_centroids_get_deep_compression_gradient(digits):
 
 
 def test_fake_quant_trained_through_quantizers(digits):
-    from torchslim.quantize import FakeQuantLayer, QuantConfig, quantize
+    from torchslim.quantization import FakeQuantLayer, QuantConfig, quantize
 
     task, x, y = digits
     model = quantize(_mlp(task), QuantConfig(bits=4, mode="weights_only", backend="simulate"), task).model
@@ -172,7 +172,7 @@ def test_frozen_arm_does_not_change_the_model(digits):
 
 
 def test_structured_shapes_fixed():
-    from torchslim.prune import StructuredPruneConfig
+    from torchslim.pruning import StructuredPruneConfig
 
     task = build_task("mnist1d", num_samples=600, batch_size=64)
     torch.manual_seed(0)
@@ -184,7 +184,7 @@ def test_structured_shapes_fixed():
 
 
 def test_replay_ewc_and_scheduler_run(digits):
-    from torchslim.train import TrainConfig, fit
+    from torchslim.core.train import TrainConfig, fit
 
     task, x, y = digits
     torch.manual_seed(0)
@@ -222,7 +222,7 @@ def test_folder_stream_reads_npz_without_pickle(tmp_path):
     batches = list(FolderStream(tmp_path, batch_size=4))
     assert len(batches) == 6 and batches[0][0].shape == (4, 64) and batches[0][0].dtype == torch.float32
     np.savez(tmp_path / "0009.npz", x=np.array([object()], dtype=object), y=np.zeros(1))
-    from torchslim.errors import TaskError
+    from torchslim.core.errors import TaskError
 
     with pytest.raises(TaskError, match="0009.npz"):
         list(FolderStream(tmp_path))
@@ -243,7 +243,7 @@ def test_generator_factory_is_resumable_and_skips(digits):
 
 
 def test_online_is_a_registered_stage(digits):
-    from torchslim.stage import STAGES, apply_stage, stage_name
+    from torchslim.core.stage import STAGES, apply_stage, stage_name
 
     task, _, _ = digits
     model = _pruned(task)

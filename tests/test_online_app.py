@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 
-from torchslim.online_app import read_online_recipe, run_online_recipe
+from torchslim.app.online import read_online_recipe, run_online_recipe
 
 PERM = [3, 7, 1, 9, 0, 2, 8, 4, 6, 5]
 RECIPE = {
@@ -71,7 +71,7 @@ def test_bad_stream_blocks_are_one_line(tmp_path, capsys, patch, message):
 
 
 def test_recipe_without_stream_is_refused(tmp_path):
-    from torchslim.recipe import RecipeError
+    from torchslim.app.recipe import RecipeError
 
     with pytest.raises(RecipeError, match="stream"):
         read_online_recipe(_write(tmp_path, {k: v for k, v in RECIPE.items() if k != "stream"}))

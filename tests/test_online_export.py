@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 
-from torchslim.online_app import run_online_recipe
+from torchslim.app.online import run_online_recipe
 
 pytest.importorskip("onnxruntime")
 
@@ -50,7 +50,7 @@ def test_export_of_a_float_model_is_refused_in_one_line(tmp_path, capsys):
 
 def test_report_of_an_online_run_plots_accuracy_over_the_stream(tmp_path):
     pytest.importorskip("plotly")
-    from torchslim import cli
+    from torchslim.app import cli
 
     data = {**RECIPE, "stream": {**RECIPE["stream"], "export": None},
             "eval": {"old": {"source": "task", "split": "test"}}, "online": {**RECIPE["online"], "eval_every": 2}}
@@ -61,7 +61,7 @@ def test_report_of_an_online_run_plots_accuracy_over_the_stream(tmp_path):
     assert cli.main(["report", str(out / "run.json")]) == 0
     html = (out / "report.html").read_text()
     assert "data-plot='online-accuracy'" in html and "held-out: old" in html
-    from torchslim.report.dynamic_figures import online_series
+    from torchslim.app.report.dynamic_figures import online_series
 
     s = online_series(json.loads((out / "run.json").read_text()))
     assert len(s["x"]) == 6 and all(0.0 <= y <= 1.0 for y in s["y"])
@@ -69,7 +69,7 @@ def test_report_of_an_online_run_plots_accuracy_over_the_stream(tmp_path):
 
 def test_exit_figures_from_an_early_exit_stage_info():
     pytest.importorskip("plotly")
-    from torchslim.report.dynamic_figures import dynamic_figures, exit_series
+    from torchslim.app.report.dynamic_figures import dynamic_figures, exit_series
 
     run = {"rows": [{"stage": "baseline", "info": {}},
                     {"stage": "early_exit", "info": {"exit_rates": [0.7, 0.27, 0.03], "exits_after": ["layers.0", "layers.1"],

@@ -22,7 +22,7 @@ import torch
 torch.set_num_threads(1)
 from safetensors.torch import load_file, save_file
 from torchslim.online import ArrayStream, OnlineConfig, online
-from torchslim.prune import attach_masks, masks_of
+from torchslim.pruning import attach_masks, masks_of
 from torchslim.zoo import build_model
 
 ckpt, out, slow, resume, start = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4] == "1", sys.argv[5]
@@ -53,8 +53,8 @@ def _start_file(tmp: Path) -> Path:
     """LeNet-300-100 briefly trained on digits, 90% pruned (masks), and 800 training samples."""
     from safetensors.torch import save_file
 
-    from torchslim.prune import PruneConfig, masks_of, prune
-    from torchslim.train import TrainConfig, fit
+    from torchslim.core.train import TrainConfig, fit
+    from torchslim.pruning import PruneConfig, masks_of, prune
     from torchslim.zoo import build_model, build_task
 
     task = build_task("digits", batch_size=64)

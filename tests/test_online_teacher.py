@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from torchslim.errors import ConfigError
+from torchslim.core.errors import ConfigError
 from torchslim.online import ArrayStream, Concat, OnlineConfig, online
 from torchslim.online.loop import param_groups
 from torchslim.online.regrow import swap_by_gradient
-from torchslim.prune import attach_masks, masks_of
+from torchslim.pruning import attach_masks, masks_of
 
 CLASSES, DIM, BATCH = 4, 8, 32
 

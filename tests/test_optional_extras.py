@@ -16,7 +16,7 @@ import sys
 for name in {OPTIONAL!r}:
     sys.modules[name] = None  # `import name` now raises ImportError, as when it is not installed
 import torchslim
-from torchslim.stage import stage_names
+from torchslim.core.stage import stage_names
 from torchslim.zoo import build_model, build_task
 names = stage_names()
 assert {{"prune", "nm", "share", "lowrank", "distill", "train", "quantize"}} <= set(names), sorted(names)

@@ -9,8 +9,8 @@ from torch import nn
 
 pytest.importorskip("onnxruntime")
 
-from torchslim.checkpoint import load_module, save_module
-from torchslim.quantize.ort_backend import OrtQuantConfig, ort_quantize
+from torchslim.app.checkpoint import load_module, save_module
+from torchslim.quantization.ort_backend import OrtQuantConfig, ort_quantize
 
 
 class TwoOut(nn.Module):

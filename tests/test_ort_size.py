@@ -11,7 +11,7 @@ from torch import nn
 
 pytest.importorskip("onnxruntime")
 
-from torchslim.quantize.ort_backend import OrtQuantConfig, ort_quantize
+from torchslim.quantization.ort_backend import OrtQuantConfig, ort_quantize
 
 
 def _quantize(model, d):

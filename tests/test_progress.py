@@ -11,11 +11,11 @@ import pytest
 import torch
 from rich.console import Console
 
-from torchslim import progress
-from torchslim.prune import PruneConfig
-from torchslim.quantize import QuantConfig
-from torchslim.stage import apply_stage
-from torchslim.train import TrainConfig, fit
+from torchslim.core import progress
+from torchslim.core.stage import apply_stage
+from torchslim.core.train import TrainConfig, fit
+from torchslim.pruning import PruneConfig
+from torchslim.quantization import QuantConfig
 from torchslim.zoo import build_model, build_task
 
 
@@ -50,8 +50,8 @@ def test_auto_mode_follows_the_terminal_the_env_and_the_rank(monkeypatch):
 
 _CHILD = """
 import sys
-from torchslim import progress
-from torchslim.train import TrainConfig, fit
+from torchslim.core import progress
+from torchslim.core.train import TrainConfig, fit
 from torchslim.zoo import build_model, build_task
 print("auto:", progress.enabled(), flush=True)
 task = build_task("digits")

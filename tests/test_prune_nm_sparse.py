@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from torchslim.errors import ConfigError, WeightsError
+from torchslim.core.errors import ConfigError, WeightsError
+from torchslim.core.measure import file_bytes, state_dict_bytes
 from torchslim.export.sparse import load_sparse, save_sparse
-from torchslim.measure import file_bytes, state_dict_bytes
-from torchslim.prune.nm import NMConfig, check_nm, nm_mask, prune_nm
-from torchslim.prune.unstructured import PruneConfig, apply
+from torchslim.pruning.nm import NMConfig, check_nm, nm_mask, prune_nm
+from torchslim.pruning.unstructured import PruneConfig, apply
 from torchslim.zoo import build_model, build_task
 
 

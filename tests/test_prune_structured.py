@@ -10,9 +10,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from torchslim.errors import ConfigError
-from torchslim.prune import graph
-from torchslim.prune.structured import (
+from torchslim.core.errors import ConfigError
+from torchslim.core.task import Task
+from torchslim.core.train import TrainConfig
+from torchslim.pruning import graph
+from torchslim.pruning.structured import (
     StructuredPruneConfig,
     apply,
     channel_scores,
@@ -20,8 +22,6 @@ from torchslim.prune.structured import (
     layer_macs,
     make_plan,
 )
-from torchslim.task import Task
-from torchslim.train import TrainConfig
 from torchslim.zoo.models import lenet300, rescnn1d
 
 

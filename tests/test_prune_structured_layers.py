@@ -9,12 +9,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from torchslim.errors import ConfigError
-from torchslim.prune.layers import Bypass, LayerDropConfig
-from torchslim.prune.layers import apply as drop_apply
-from torchslim.prune.transformer import TransformerPruneConfig, find_blocks
-from torchslim.prune.transformer import apply as tf_apply
-from torchslim.task import Task
+from torchslim.core.errors import ConfigError
+from torchslim.core.task import Task
+from torchslim.pruning.layers import Bypass, LayerDropConfig
+from torchslim.pruning.layers import apply as drop_apply
+from torchslim.pruning.transformer import TransformerPruneConfig, find_blocks
+from torchslim.pruning.transformer import apply as tf_apply
 from torchslim.zoo.models import rescnn1d
 
 

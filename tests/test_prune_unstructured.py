@@ -12,15 +12,20 @@ import torch.nn.utils.prune as tprune
 from torch import nn
 from torch.utils.data import DataLoader
 
-from torchslim.errors import ConfigError
-from torchslim.prune.importance import accumulate_grads, group_norm, layer_importance, score_params
-from torchslim.prune.masks import MaskKeeper, masks_for_sparsity, masks_of, remove
-from torchslim.prune.regrow import RecoveryConfig
-from torchslim.prune.schedule import cubic_sparsity
-from torchslim.prune.sensitivity import allocate, sensitivity
-from torchslim.prune.unstructured import PruneConfig, apply, weight_sparsity
-from torchslim.stage import apply_stage
-from torchslim.train import TrainConfig, fit
+from torchslim.core.errors import ConfigError
+from torchslim.core.stage import apply_stage
+from torchslim.core.train import TrainConfig, fit
+from torchslim.pruning.importance import (
+    accumulate_grads,
+    group_norm,
+    layer_importance,
+    score_params,
+)
+from torchslim.pruning.masks import MaskKeeper, masks_for_sparsity, masks_of, remove
+from torchslim.pruning.regrow import RecoveryConfig
+from torchslim.pruning.schedule import cubic_sparsity
+from torchslim.pruning.sensitivity import allocate, sensitivity
+from torchslim.pruning.unstructured import PruneConfig, apply, weight_sparsity
 from torchslim.zoo import build_model, build_task
 
 
@@ -201,7 +206,7 @@ def test_greedy_and_random_regrowth(trained, task):
     h = res["history"]
     assert res["regrown"] > 0 and res["regrown"] <= int(0.02 * round(0.95 * sum(p.numel() for p in originals.values())))
     # each accepted chunk lowered the validation loss, so the final loss is below the pruned one
-    from torchslim.prune.regrow import val_loss
+    from torchslim.pruning.regrow import val_loss
     pruned = copy.deepcopy(trained)
     apply(pruned, PruneConfig(sparsity=0.95), task)
     assert val_loss(greedy, task) < val_loss(pruned, task)

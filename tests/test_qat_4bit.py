@@ -11,10 +11,10 @@ import dataclasses
 import pytest
 import torch
 
-from torchslim.quantize.config import QuantConfig
-from torchslim.quantize.ptq import apply, export_weights
-from torchslim.train import TrainConfig, fit
-from torchslim.utils import seed_everything
+from torchslim.core.train import TrainConfig, fit
+from torchslim.core.utils import seed_everything
+from torchslim.quantization.config import QuantConfig
+from torchslim.quantization.ptq import apply, export_weights
 from torchslim.zoo import build_model, build_task
 
 W4A8 = QuantConfig(bits=4, act_bits=8, weight_scheme="symmetric", granularity="per_tensor", mode="static", seed=0)
@@ -88,8 +88,8 @@ def test_qat_keeps_the_4bit_per_tensor_scheme(setting):
 def test_lsq_scale_groups_lr_no_decay_and_positive():
     from torch import nn
 
-    from torchslim.quantize import qat
-    from torchslim.quantize.fake import EPS, ActQuantizer, FakeQuantLayer, WeightQuantizer
+    from torchslim.quantization import qat
+    from torchslim.quantization.fake import EPS, ActQuantizer, FakeQuantLayer, WeightQuantizer
 
     torch.manual_seed(0)
     model = nn.Sequential(FakeQuantLayer(nn.Linear(64, 8), WeightQuantizer(4, True, "per_tensor"), ActQuantizer(8)))
@@ -113,6 +113,6 @@ def test_lsq_scale_groups_lr_no_decay_and_positive():
     qat.ScaleKeeper(qat.learnable_scales(model)).after_step(model, 1)
     assert float(layer.wq.scale.detach()) == pytest.approx(EPS) and float(layer.aq.scale.detach()) == pytest.approx(s_a)
     # later fine-tuning (recipe `finetune`) gets the keeper through the training-hook registry
-    from torchslim.stage import training_hooks
+    from torchslim.core.stage import training_hooks
 
     assert any(isinstance(h, qat.ScaleKeeper) for h in training_hooks(model))

@@ -12,10 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from torchslim import isa
-from torchslim.errors import ConfigError
-from torchslim.quantize import ptq
-from torchslim.quantize.backends import (
+from torchslim.core import isa
+from torchslim.core.errors import ConfigError
+from torchslim.core.task import Task
+from torchslim.quantization import ptq
+from torchslim.quantization.backends import (
     OrtModel,
     OrtQuantConfig,
     TorchaoConfig,
@@ -24,10 +25,9 @@ from torchslim.quantize.backends import (
     saved_bytes,
     torchao_quantize,
 )
-from torchslim.quantize.config import BACKENDS, QuantConfig
-from torchslim.quantize.mixed import LayerChoice
-from torchslim.quantize.ort_backend import layer_nodes
-from torchslim.task import Task
+from torchslim.quantization.config import BACKENDS, QuantConfig
+from torchslim.quantization.mixed import LayerChoice
+from torchslim.quantization.ort_backend import layer_nodes
 from torchslim.zoo import build_model
 
 warnings.filterwarnings("ignore")
@@ -169,7 +169,7 @@ def test_bad_configs_fail_fast():
         OrtQuantConfig(calibration="mse")
     with pytest.raises(ConfigError, match="TorchaoConfig.scheme"):
         TorchaoConfig(scheme="int3")
-    from torchslim.quantize.convert import torchao_config_from
+    from torchslim.quantization.convert import torchao_config_from
 
     with pytest.raises(ConfigError, match="QuantConfig.bits"):
         torchao_config_from(QuantConfig(bits=4, mode="dynamic"), [LayerChoice("x", 4)])
@@ -209,7 +209,7 @@ def test_blockwise_matmul_nbits(bits, bound):
 
 
 def test_per_group_config_maps_to_blocks():
-    from torchslim.quantize.convert import ort_config_from
+    from torchslim.quantization.convert import ort_config_from
 
     ocfg, _ = ort_config_from(QuantConfig(mode="dynamic", granularity="per_group", group_size=32), [])
     assert (ocfg.block_bits, ocfg.block_size, ocfg.block_int8_compute) == (8, 32, True)
@@ -232,7 +232,7 @@ def _outlier_task(seed: int = 0):
 
 def test_smooth_graph_keeps_the_float_function(tmp_path):
     from torchslim.export.onnx import export_onnx, ort_session
-    from torchslim.quantize.ort_graph import activation_absmax, smooth_graph
+    from torchslim.quantization.ort_graph import activation_absmax, smooth_graph
 
     torch.manual_seed(0)
     model = _TokenMLP().eval()

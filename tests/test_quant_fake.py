@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from torchslim.errors import ConfigError
-from torchslim.quantize.config import QuantConfig, validate_for_model
-from torchslim.quantize.fake import (
+from torchslim.core.errors import ConfigError
+from torchslim.quantization.config import QuantConfig, validate_for_model
+from torchslim.quantization.fake import (
     ActQuantizer,
     FakeQuantLayer,
     WeightQuantizer,

@@ -16,10 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-from torchslim import isa
-from torchslim.quantize import fake, isa_plan, ptq
-from torchslim.quantize.backends import OrtQuantConfig, ort_quantize
-from torchslim.quantize.config import QuantConfig
+from torchslim.core import isa
+from torchslim.quantization import fake, isa_plan, ptq
+from torchslim.quantization.backends import OrtQuantConfig, ort_quantize
+from torchslim.quantization.config import QuantConfig
 
 AGREE = 1e-3  # as tests/test_quant_backends.py: ORT vs simulation, max gap / logit range
 
@@ -220,7 +220,7 @@ def test_auto_does_not_build_a_path_known_slow_here(digits, saturating):
     assert auto["chosen"] == "onnxruntime" and "torchao" not in auto["median_ms"]
     assert "known slow" in auto["skipped"]["torchao"] and "int8_dynamic" in auto["skipped"]["torchao"]
     assert auto["isa"] == isa.describe() and res.info["isa_plan"]["reduce_range"]["value"] is True
-    from torchslim.quantize.convert import to_torchao
+    from torchslim.quantization.convert import to_torchao
 
     with warnings.catch_warnings(record=True) as caught:  # asked for explicitly: built, said once
         warnings.simplefilter("always")

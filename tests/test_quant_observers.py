@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from torchslim.quantize.fake import fake_quantize, qparams, qrange
-from torchslim.quantize.observers import observe
+from torchslim.quantization.fake import fake_quantize, qparams, qrange
+from torchslim.quantization.observers import observe
 
 
 def _sq_err(x, lo, hi, bits, symmetric):

@@ -7,12 +7,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from torchslim.errors import ConfigError
-from torchslim.quantize import calibrate, smooth
-from torchslim.quantize.config import QuantConfig
-from torchslim.quantize.ptq import apply, export_weights, save_quantized, simulate
-from torchslim.task import Task
-from torchslim.train import TrainConfig, fit
+from torchslim.core.errors import ConfigError
+from torchslim.core.task import Task
+from torchslim.core.train import TrainConfig, fit
+from torchslim.quantization import calibrate, smooth
+from torchslim.quantization.config import QuantConfig
+from torchslim.quantization.ptq import apply, export_weights, save_quantized, simulate
 from torchslim.zoo import build_model, build_task
 
 

@@ -5,9 +5,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from torchslim import cli
-from torchslim.recipe import RecipeError, load_recipe
-from torchslim.train import TrainConfig
+from torchslim.app import cli
+from torchslim.app.recipe import RecipeError, load_recipe
+from torchslim.core.train import TrainConfig
 
 VALID = {
     "task": "digits",
@@ -141,7 +141,7 @@ def malformed(draw):
 @settings(max_examples=520, deadline=None, suppress_health_check=list(HealthCheck))
 @given(recipe=malformed())
 def test_fuzz_malformed_recipes_exit_2_with_one_line(recipe, tmp_path_factory, monkeypatch, capsys):
-    from torchslim import runner
+    from torchslim.app import runner
 
     def must_not_run(*a, **k):
         raise AssertionError(f"malformed recipe was accepted: {recipe!r}")

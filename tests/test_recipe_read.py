@@ -3,8 +3,8 @@
 
 import pytest
 
-from torchslim import cli
-from torchslim.recipe import MAX_RECIPE_BYTES, RecipeError, load_recipe
+from torchslim.app import cli
+from torchslim.app.recipe import MAX_RECIPE_BYTES, RecipeError, load_recipe
 
 BOMB = "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9) if p else 'x, x, x, x, x, x, x, x, x'}]\n"
                for p, c in zip(["", "a", "b", "c", "d", "e", "f"], "abcdefg"))

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from torchslim.recipe import load_recipe
-from torchslim.runner import run_recipe
+from torchslim.app.recipe import load_recipe
+from torchslim.app.runner import run_recipe
 
 # recipes for `torchslim run`; a `search` / `stream` block belongs to `torchslim search` /
 # `torchslim online` (tests/test_search.py, tests/test_online_app.py run those)

@@ -5,9 +5,9 @@ import subprocess
 
 import pytest
 
-from torchslim import cli
-from torchslim.report import write_report
-from torchslim.report.figures import layer_series, pareto, points
+from torchslim.app import cli
+from torchslim.app.report import write_report
+from torchslim.app.report.figures import layer_series, pareto, points
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -102,7 +102,7 @@ def test_report_command_errors_are_one_line(tmp_path, capsys):
 
 
 def test_deltas_read_as_points_percent_and_ratios():
-    from torchslim.report import fmt
+    from torchslim.app.report import fmt
 
     assert fmt.metric_delta(0.961 - 0.965, True) == "−0.4 pt" and fmt.metric_delta(0.0001, True) == "±0.0 pt"
     assert fmt.metric_delta(-0.0123, False) == "−0.0123"  # a metric that is not a share stays as it is
@@ -111,7 +111,7 @@ def test_deltas_read_as_points_percent_and_ratios():
 
 
 def test_axes_are_padded_and_a_flat_accuracy_axis_is_not_0_to_2():
-    from torchslim.report import charts, fmt
+    from torchslim.app.report import charts, fmt
 
     lo, hi = fmt.padded_range([1.0, 1.0, 1.0], fraction=True)
     assert 0.99 <= lo < 1.0 < hi <= 1.01
@@ -128,7 +128,7 @@ def test_axes_are_padded_and_a_flat_accuracy_axis_is_not_0_to_2():
 
 
 def test_long_layer_names_are_shortened_and_stay_distinct():
-    from torchslim.report.fmt import short_names
+    from torchslim.app.report.fmt import short_names
 
     names = [f"bert.encoder.layer.{i}.attention.output.LayerNorm.projection.dense" for i in range(12)]
     short, prefix = short_names(names)
@@ -137,7 +137,7 @@ def test_long_layer_names_are_shortened_and_stay_distinct():
 
 
 def test_per_layer_readers_for_transformer_and_mixed_quantization():
-    from torchslim.report.layers import layer_charts
+    from torchslim.app.report.layers import layer_charts
 
     blocks = {f"bert.encoder.layer.{i}": {"heads_before": 12, "heads_after": 9 - i % 2, "heads_kept": [],
                                            "ffn_before": 1536, "ffn_after": 1152} for i in range(6)}
@@ -153,7 +153,7 @@ def test_per_layer_readers_for_transformer_and_mixed_quantization():
 
 
 def test_figures_past_the_page_budget_point_to_their_png(tmp_path, monkeypatch):
-    from torchslim.report import html as report_html
+    from torchslim.app.report import html as report_html
 
     (tmp_path / "run.json").write_text(json.dumps(RUN))
     monkeypatch.setattr(report_html, "FIGURE_BUDGET", 30_000)  # room for the Pareto panels (26 KB) only

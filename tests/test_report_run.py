@@ -9,11 +9,11 @@ import re
 import pytest
 from rich.console import Console
 
-from torchslim import progress
-from torchslim.measure import Record, format_records
-from torchslim.report import write_report
-from torchslim.report.layers import layer_charts
-from torchslim.runner import run_recipe
+from torchslim.app.report import write_report
+from torchslim.app.report.layers import layer_charts
+from torchslim.app.runner import run_recipe
+from torchslim.core import progress
+from torchslim.core.measure import Record, format_records
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("torch_pruning")  # structured pruning

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from torchslim.errors import TorchslimError
-from torchslim.run_state import RunStateError, folder_lock
-from torchslim.runner import run_recipe
+from torchslim.app.run_state import RunStateError, folder_lock
+from torchslim.app.runner import run_recipe
+from torchslim.core.errors import TorchslimError
 
 RECIPE = {
     "name": "state-test",
@@ -85,8 +85,8 @@ def test_guard_flags_a_collapse_and_can_stop_the_run(tmp_path):
     """Guards are on by default (issue 10, point 5): a stage that loses more than guard.max_drop
     (0.02) is flagged in run.json and the table; guard.error stops the run; an untrained zoo
     model is flagged at the baseline."""
-    from torchslim.measure import Record, format_records
-    from torchslim.runner import GuardError
+    from torchslim.app.runner import GuardError
+    from torchslim.core.measure import Record, format_records
 
     trained = copy.deepcopy(RECIPE)
     trained["train"] = {"epochs": 3, "lr": 0.003, "device": "cpu"}

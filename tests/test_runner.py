@@ -8,7 +8,7 @@ import time
 import pytest
 import yaml
 
-from torchslim.runner import run_recipe
+from torchslim.app.runner import run_recipe
 
 RECIPE = {
     "name": "kill-test",
@@ -29,7 +29,7 @@ STABLE = ("stage", "metric", "params", "nonzeros", "bytes", "macs_per_sample")
 
 def _cli(args, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "torchslim.cli", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "torchslim.app.cli", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 

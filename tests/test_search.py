@@ -11,11 +11,13 @@ import pytest
 import torch
 import yaml
 
-from torchslim.errors import ConfigError
-from torchslim.measure import count_macs, count_nonzeros, count_params
-from torchslim.prune import graph
-from torchslim.recipe import RecipeError
-from torchslim.runner import run_recipe
+from torchslim.app.recipe import RecipeError
+from torchslim.app.runner import run_recipe
+from torchslim.app.search import parse_budget, read_search_recipe, run_search
+from torchslim.core.errors import ConfigError
+from torchslim.core.measure import count_macs, count_nonzeros, count_params
+from torchslim.core.train import TrainConfig, fit
+from torchslim.pruning import graph
 from torchslim.search import (
     Budget,
     Policy,
@@ -32,8 +34,6 @@ from torchslim.search import (
     user_rules,
 )
 from torchslim.search.trials import Evaluator, best, pareto
-from torchslim.search_app import parse_budget, read_search_recipe, run_search
-from torchslim.train import TrainConfig, fit
 from torchslim.zoo import build_model, build_task
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -204,7 +204,7 @@ def test_bad_search_blocks_fail_in_one_line(tmp_path):
 
 
 def test_keep_float_choices_become_a_quantize_stage(trained, task):
-    from torchslim.recipe import load_recipe
+    from torchslim.app.recipe import load_recipe
 
     model, path = trained
     space = _space(model, task, int8=True)

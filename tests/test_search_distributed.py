@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from torchslim.search_app import run_search
+from torchslim.app.search import run_search
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

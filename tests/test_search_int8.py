@@ -10,12 +10,12 @@ import pytest
 import torch
 import yaml
 
-from torchslim.runner import run_recipe
+from torchslim.app.runner import run_recipe
+from torchslim.app.search import run_search
+from torchslim.core.train import TrainConfig, fit
 from torchslim.search import Policy, build_cost_model, build_space, verify
 from torchslim.search.int8_cost import KINDS, build_int8_table, table_ratio
 from torchslim.search.space import GRANULARITIES
-from torchslim.search_app import run_search
-from torchslim.train import TrainConfig, fit
 from torchslim.zoo import build_model, build_task
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

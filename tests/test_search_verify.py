@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from torchslim.app.search import run_search
+from torchslim.core.train import TrainConfig, fit
 from torchslim.search import Policy, build_cost_model, build_space, verify
 from torchslim.search.trials import read_journal
-from torchslim.search_app import run_search
-from torchslim.train import TrainConfig, fit
 from torchslim.zoo import build_model, build_task
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -152,7 +152,7 @@ def test_latency_search_writes_only_a_policy_measured_within_budget(tmp_path):
 
 def _child(path, out, resume=False):
     """`run_search` in a child process (one thread, as every run of this test: same numbers)."""
-    code = ("import sys; from torchslim.search_app import run_search; "
+    code = ("import sys; from torchslim.app.search import run_search; "
             f"sys.exit(run_search({str(path)!r}, {str(out)!r}, resume={resume}, log=print))")
     env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)

@@ -7,8 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from torchslim.errors import ConfigError
-from torchslim.share import (
+from torchslim.core.errors import ConfigError
+from torchslim.core.stage import apply_stage
+from torchslim.core.train import TrainConfig
+from torchslim.sharing import (
     ShareConfig,
     SharedWeight,
     apply,
@@ -16,8 +18,6 @@ from torchslim.share import (
     init_centroids,
     shared_layers,
 )
-from torchslim.stage import apply_stage
-from torchslim.train import TrainConfig
 from torchslim.zoo import build_model, build_task
 
 

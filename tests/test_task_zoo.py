@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from torchslim.errors import TaskError
-from torchslim.task import Task, accuracy
+from torchslim.core.errors import TaskError
+from torchslim.core.task import Task, accuracy
 from torchslim.zoo import build_model, build_task
 
 
@@ -85,8 +85,8 @@ def test_model_that_does_not_fit_task_is_one_line_error():
 
 @pytest.mark.parametrize(
     "spec,msg",
-    [("nomodule_xyz:fn", "cannot import module"), ("torchslim.task:nope", "has no callable 'nope'"),
-     ("no-colon", "expected 'package.module:function'"), ("torchslim.task:accuracy", None)],
+    [("nomodule_xyz:fn", "cannot import module"), ("torchslim.core.task:nope", "has no callable 'nope'"),
+     ("no-colon", "expected 'package.module:function'"), ("torchslim.core.task:accuracy", None)],
 )
 def test_task_from_spec_errors_are_clear(spec, msg):
     with pytest.raises(TaskError) as err:

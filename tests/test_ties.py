@@ -15,12 +15,12 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from torchslim.errors import TorchslimError
+from torchslim.core.errors import TorchslimError
+from torchslim.core.measure.latency import count_macs
 from torchslim.export.weights import load_weights, read_state_dict, save_weights
 from torchslim.lowrank import LowRankConfig, factorize_layers
-from torchslim.measure_latency import count_macs
-from torchslim.share import ShareConfig, shared_layers
-from torchslim.share import apply as share
+from torchslim.sharing import ShareConfig, shared_layers
+from torchslim.sharing import apply as share
 from torchslim.zoo import build_model
 
 
@@ -220,7 +220,7 @@ def plain_in_shape(model: nn.Module) -> tuple[int, ...]:
 
 
 def test_export_safetensors_of_an_onnxruntime_model_is_refused(tmp_path):
-    from torchslim.runner import _export
+    from torchslim.app.runner import _export
 
     class FakeOrt(nn.Module):
         onnx_bytes = b"\x08\x07"
@@ -251,7 +251,7 @@ def tied_digits() -> nn.Module:
 
 @pytest.mark.slow
 def test_run_a_recipe_on_a_tied_model(tmp_path):
-    from torchslim.runner import run_recipe
+    from torchslim.app.runner import run_recipe
 
     recipe = {"name": "tied", "task": {"name": "digits", "kwargs": {"batch_size": 32}},
               "model": "test_ties:tied_digits", "seed": 0,

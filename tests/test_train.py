@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchslim.errors import ConfigError
+from torchslim.core.errors import ConfigError
+from torchslim.core.train import TrainConfig, fit, penalty
 from torchslim.export.weights import read_state_dict
-from torchslim.train import TrainConfig, fit, penalty
 from torchslim.zoo import build_model, build_task
 
 WORKER = Path(__file__).with_name("train_worker.py")

@@ -24,7 +24,7 @@ def _recipe(tmp_path, **extra):
 
 
 def _run(tmp_path, *args):
-    return subprocess.run([sys.executable, "-m", "torchslim.cli", "run", *args, "--out", "out", "--no-report"],
+    return subprocess.run([sys.executable, "-m", "torchslim.app.cli", "run", *args, "--out", "out", "--no-report"],
                           cwd=tmp_path, capture_output=True, text=True, check=False)
 
 

@@ -4,7 +4,7 @@ import pickle
 import pytest
 import torch
 
-from torchslim.errors import WeightsError
+from torchslim.core.errors import WeightsError
 from torchslim.export.weights import load_weights, read_state_dict, save_weights
 from torchslim.zoo import build_model
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from torchslim.errors import TaskError
+from torchslim.core.errors import TaskError
 from torchslim.zoo import build_model, build_task
 
 

@@ -8,8 +8,8 @@ import time
 
 import torch
 
+from torchslim.core.train import TrainConfig, fit
 from torchslim.export.weights import save_weights
-from torchslim.train import TrainConfig, fit
 from torchslim.zoo import build_model, build_task
 
 
@@ -48,7 +48,7 @@ DDP_TRAIN = {"epochs": 2, "lr": 0.05, "optimizer": "SGD", "optimizer_kwargs": {"
 def gradual_prune_digits():
     """Gradual magnitude pruning (masks recomputed by the schedule during fit) of LeNet-300-100."""
     import torchslim
-    from torchslim.prune import PruneConfig
+    from torchslim.pruning import PruneConfig
 
     task = build_task("digits", batch_size=64, seed=0)
     torch.manual_seed(0)
@@ -81,8 +81,9 @@ def ddp_main(recipe, out, spy, kill, resume) -> None:
     import signal
     from pathlib import Path
 
-    from torchslim import distributed, runner
-    from torchslim.prune.masks import MaskKeeper, masks_of
+    from torchslim.app import runner
+    from torchslim.core import distributed
+    from torchslim.pruning.masks import MaskKeeper, masks_of
 
     torch.set_num_threads(1)
     distributed.init_from_env()

@@ -7,21 +7,17 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import (  # callable packages: torchslim.prune(model, cfg, task), torchslim.quantize(...)
-    prune,
-    quantize,
-)
-from .distill import DistillConfig
-from .errors import ConfigError, TaskError, TorchslimError, WeightsError
+from .core.errors import ConfigError, TaskError, TorchslimError, WeightsError
+from .core.measure import MeasureConfig, Record, count_macs, format_records, measure
+from .core.stage import StageResult, apply_stage
+from .core.task import Task
+from .core.train import FitResult, TrainConfig, fit
+from .distillation import DistillConfig
 from .export.rebuild import load
 from .lowrank import LowRankConfig
-from .measure import MeasureConfig, Record, count_macs, format_records, measure
-from .prune import NMConfig, PruneConfig, StructuredPruneConfig, TransformerPruneConfig
-from .quantize import QuantConfig
-from .share import ShareConfig
-from .stage import StageResult, apply_stage
-from .task import Task
-from .train import FitResult, TrainConfig, fit
+from .pruning import NMConfig, PruneConfig, StructuredPruneConfig, TransformerPruneConfig, prune
+from .quantization import QuantConfig, quantize
+from .sharing import ShareConfig
 
 __all__ = [
     "ConfigError",
@@ -60,8 +56,8 @@ __all__ = [
 
 
 def run_recipe(recipe, out=None, resume=False, log=print):
-    """Run a recipe (path, dict or Recipe); see torchslim.runner.run_recipe."""
-    from .runner import run_recipe as _run
+    """Run a recipe (path, dict or Recipe); see torchslim.app.runner.run_recipe."""
+    from .app.runner import run_recipe as _run
 
     return _run(recipe, out=out, resume=resume, log=log)
 

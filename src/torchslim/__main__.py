@@ -1,5 +1,5 @@
 """``python -m torchslim`` (and ``torchrun --nproc_per_node N -m torchslim run recipe.yaml``)."""
 
-from .cli import main
+from .app.cli import main
 
 raise SystemExit(main())

@@ -62,7 +62,7 @@ def _stage_fields() -> dict[str, dict[str, object]]:
     """technique -> {field: type hint}, from the registered config dataclasses."""
     import typing
 
-    from torchslim.stage import stage_names
+    from torchslim.core.stage import stage_names
 
     return {n: {f.name: typing.get_type_hints(c).get(f.name) for f in dataclasses.fields(c) if f.init}
             for n, c in stage_names().items()}

@@ -1,4 +1,4 @@
-"""Run one fuzz case through ``torchslim.cli.main`` with a time limit and classify the outcome.
+"""Run one fuzz case through ``torchslim.app.cli.main`` with a time limit and classify the outcome.
 
 Outcomes: "refused" (exit 2, last stderr line ``torchslim: error: ...``; argparse's usage line
 before it is allowed), "fault" (exit 1, one ``torchslim: error:`` line), "accepted" (exit 0, or
@@ -80,10 +80,8 @@ def _reach(where: str):
 def _patches(mode: str) -> list[tuple[object, str, object]]:
     import importlib
 
-    for m in ("demo", "measure", "runner"):
-        importlib.import_module(f"torchslim.{m}")
-    # sys.modules' entries: the package re-exports functions under the same names (torchslim.measure)
-    demo, measure, runner = (sys.modules[f"torchslim.{m}"] for m in ("demo", "measure", "runner"))
+    names = ("torchslim.app.demo", "torchslim.core.measure", "torchslim.app.runner")
+    demo, measure, runner = (importlib.import_module(m) for m in names)
     patches = [(demo, "trained_baseline", _reach("demo")), (measure, "measure", _reach("measure"))]
     if mode == "deep":
         patches += [(runner, "fit", _reach("fit")), (runner, "_measure", _reach("measure"))]
@@ -116,7 +114,7 @@ def run_case(case: Case, folder: Path, limit: float = 20.0, markers: tuple[Path,
     """Run case in this process (main thread: SIGALRM enforces the limit)."""
     import torch
 
-    from torchslim import cli
+    from torchslim.app import cli
 
     argv = materialize(case, folder)
     err, out = io.StringIO(), io.StringIO()
@@ -200,7 +198,7 @@ def _child(spec_path: str, folder: str) -> int:
     argv = materialize(case, Path(folder))
     for obj, name, new in _patches(case.mode):
         setattr(obj, name, new)
-    from torchslim import cli
+    from torchslim.app import cli
 
     os.chdir(folder)
     try:

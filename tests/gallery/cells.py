@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 import torchslim as ts
-from torchslim.errors import TorchslimError
-from torchslim.measure import count_params
-from torchslim.measure_latency import count_macs
+from torchslim.core.errors import TorchslimError
+from torchslim.core.measure import count_params
+from torchslim.core.measure.latency import count_macs
 
 from .checks import (
     INT8_BOUND,
@@ -70,7 +70,7 @@ def _check_quant(ctx: Ctx, out: Any) -> str:
     backend = info.get("backend", "simulate")
     model = ctx.result.model
     if backend == "simulate":
-        from torchslim.quantize.fake import FakeQuantLayer
+        from torchslim.quantization.fake import FakeQuantLayer
 
         handled = {n for n, m in model.named_modules() if isinstance(m, FakeQuantLayer)}
         if handled & skip:
@@ -177,7 +177,7 @@ def _check_params_shrank(ctx: Ctx, out: Any) -> str:
 
 
 def _run_layer_drop(ctx: Ctx):
-    ctx.cfg = ts.prune.LayerDropConfig(count=1, batches=1)
+    ctx.cfg = ts.pruning.LayerDropConfig(count=1, batches=1)
     return ts.prune(ctx.model, ctx.cfg, ctx.task)
 
 

@@ -16,7 +16,7 @@ A cell is **supported** when the technique runs and its result is right:
   ``info`` as skipped / float);
 * its compact format saves (``StageResult.save``) and ``measure`` runs on the result.
 
-It is **refused** when the technique raises a :class:`torchslim.errors.TorchslimError` whose
+It is **refused** when the technique raises a :class:`torchslim.core.errors.TorchslimError` whose
 message is one line, before changing the model. Anything else (another exception, a wrong
 result) fails the cell with the reason.
 """
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim.task import as_tensor, call_model
+from torchslim.core.task import as_tensor, call_model
 
 # relative L2 error of the main output, int8 weights + activations; random-init logits are small
 # and centred, so this is a loose bound (trained models do much better); 0.25 still catches

@@ -79,8 +79,8 @@ def sequences(d: int = 16):
 
 # ----------------------------------------------------------------------------- optional packages
 def _torchvision_importable() -> bool:
-    """torchvision beside the CPU torch: see torchslim.compat.import_torchvision."""
-    from torchslim.compat import import_torchvision
+    """torchvision beside the CPU torch: see torchslim.core.compat.import_torchvision."""
+    from torchslim.core.compat import import_torchvision
 
     return import_torchvision()
 

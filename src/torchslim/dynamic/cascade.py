@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config_base import config
-from ..errors import ConfigError, check
-from ..measure_latency import count_macs
-from ..stage import StageResult, register_stage
-from ..task import Task, load_callable
-from ..utils import model_device
+from ..core.config_base import config
+from ..core.errors import ConfigError, check
+from ..core.measure.latency import count_macs
+from ..core.stage import StageResult, register_stage
+from ..core.task import Task, load_callable
+from ..core.utils import model_device
 from .exits import _num
 from .export import scriptable_save
 from .policy import POLICIES, calibrate, evaluate_threshold, exit_mask

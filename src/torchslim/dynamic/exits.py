@@ -20,15 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config_base import config
-from ..errors import ConfigError, check
-from ..losses import kd_loss
-from ..measure_latency import count_macs
-from ..selection import Layers, layers_field
-from ..stage import StageResult, register_stage, training_hooks
-from ..task import Task
-from ..train import TrainConfig, fit
-from ..utils import model_device, seed_everything, to_device
+from ..core.config_base import config
+from ..core.errors import ConfigError, check
+from ..core.losses import kd_loss
+from ..core.measure.latency import count_macs
+from ..core.selection import Layers, layers_field
+from ..core.stage import StageResult, register_stage, training_hooks
+from ..core.task import Task
+from ..core.train import TrainConfig, fit
+from ..core.utils import model_device, seed_everything, to_device
 from .hf_bert import build_bert, is_bert_classifier
 from .model import EarlyExitModel, ExitHead
 from .policy import NEVER, POLICIES, calibrate, evaluate_threshold
@@ -98,7 +98,7 @@ class ExitConfig:
         ok = isinstance(self.head_bins, int) and not isinstance(self.head_bins, bool) and 1 <= self.head_bins <= 64
         check(ok, "ExitConfig.head_bins", f"must be an integer in [1, 64], got {self.head_bins!r}")
         check(self.finetune is None or isinstance(self.finetune, TrainConfig), "ExitConfig.finetune",
-              "must be a torchslim.train.TrainConfig or None")
+              "must be a torchslim.core.train.TrainConfig or None")
         ok = isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= 2**63 - 1
         check(ok, "ExitConfig.seed", f"must be an integer in [0, 2**63 - 1], got {self.seed!r}")
 

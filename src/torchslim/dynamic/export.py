@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ExportError
-from ..utils import atomic_write
+from ..core.errors import ExportError
+from ..core.utils import atomic_write
 
 
 def to_torchscript(model: nn.Module) -> torch.jit.ScriptModule:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .model import EarlyExitModel
 
 
@@ -115,7 +115,7 @@ def build_bert(model: nn.Module, cfg: Any, example: Mapping[str, torch.Tensor]) 
     """An untrained, never-exiting BertExitModel around a copy of the BERT classifier."""
     import copy
 
-    from ..utils import model_device, seed_everything, to_device
+    from ..core.utils import model_device, seed_everything, to_device
     from .model import ExitHead
     from .policy import NEVER, POLICIES
     from .split import feature_shapes

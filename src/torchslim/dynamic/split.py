@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 
 _TOKEN_BLOCKS = (nn.TransformerEncoderLayer,)
 

@@ -1,6 +1,6 @@
 """On-disk formats: safe weights IO, sparse storage, ONNX export, the compact archive."""
 
-from ..errors import ExportError
+from ..core.errors import ExportError
 from .archive import ArchiveError, inspect_archive, load_archive, save_archive
 from .onnx import OnnxExportConfig, export_onnx, verify_onnx
 from .sparse import load_sparse, save_sparse

@@ -48,8 +48,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import WeightsError
-from ..utils import atomic_write
+from ..core.errors import WeightsError
+from ..core.utils import atomic_write
 from . import codec
 from .weights import plain_state_dict  # the model as it runs, ties and aliases once
 

@@ -53,7 +53,7 @@ def stamp_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def check_state(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
     """Pop and verify the checksum entry of a torch file (files without one pass: other tools')."""
-    from ..errors import WeightsError
+    from ..core.errors import WeightsError
 
     stored = state.pop(TORCH_KEY, None)
     if stored is None:

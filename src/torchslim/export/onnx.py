@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..bounds import bounded, check_bounds
-from ..config_base import config
-from ..errors import ExportError, check
-from ..utils import atomic_write, eval_mode
+from ..core.bounds import bounded, check_bounds
+from ..core.config_base import config
+from ..core.errors import ExportError, check
+from ..core.utils import atomic_write, eval_mode
 from .digest import stamp_onnx_bytes, stamp_onnx_model
 from .outputs import OutputSpec, flatten, output_spec
 

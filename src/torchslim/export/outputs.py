@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..task import as_tensor
+from ..core.task import as_tensor
 
 
 @dataclass

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import WeightsError
+from ..core.errors import WeightsError
 from .weights import check_keys, read_state_dict
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

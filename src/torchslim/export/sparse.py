@@ -29,8 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import WeightsError
-from ..utils import atomic_write
+from ..core.errors import WeightsError
+from ..core.utils import atomic_write
 from .digest import tensor_digest
 
 FORMAT = "torchslim.sparse/2"

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import WeightsError
-from ..utils import atomic_write
+from ..core.errors import WeightsError
+from ..core.utils import atomic_write
 from .digest import SAFETENSORS_KEY, check_state, stamp_state, tensor_digest
 
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from ..bounds import bounded, check_bounds, count, fraction, seed_field
-from ..config_base import config
-from ..errors import check
-from ..train import check_ctor_kwargs
+from ..core.bounds import bounded, check_bounds, count, fraction, seed_field
+from ..core.config_base import config
+from ..core.errors import check
+from ..core.train import check_ctor_kwargs
 
 DETECTORS = ("adwin", "page_hinkley", None)
 MAX_BATCHES = 10**9

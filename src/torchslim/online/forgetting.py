@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..task import call_model
+from ..core.task import call_model
 
 
 class ReplayBuffer:

@@ -36,7 +36,7 @@ def _file_bytes(save, model: nn.Module) -> int:
 
 
 def _masks(model: nn.Module) -> dict[str, Any]:
-    from ..prune.masks import masks_of, param_of
+    from ..pruning.masks import masks_of, param_of
 
     out = {}
     for name, m in masks_of(model).items():
@@ -47,7 +47,7 @@ def _masks(model: nn.Module) -> dict[str, Any]:
 
 
 def _shared(model: nn.Module) -> dict[str, Any]:
-    from ..share import shared_layers
+    from ..sharing import shared_layers
 
     out = {}
     for name, sw in shared_layers(model).items():
@@ -59,7 +59,7 @@ def _shared(model: nn.Module) -> dict[str, Any]:
 
 
 def _fake_quant(model: nn.Module) -> dict[str, Any]:
-    from ..quantize.fake import FakeQuantLayer, rows_view
+    from ..quantization.fake import FakeQuantLayer, rows_view
 
     out = {}
     for name, m in model.named_modules():

@@ -5,7 +5,7 @@ Each arriving batch is first predicted (eval mode, no gradient) and scored, its 
 errors go to the drift detector, and only then is it learned from: ``steps_per_batch``
 optimizer steps on the batch (plus a replay sample), with the loss of ``fit`` (the task's loss
 and every hook's ``extra_loss``, EWC's included) and, after every step, every hook's
-``after_step``: ``torchslim.stage.training_hooks(model)`` gives the providers of the
+``after_step``: ``torchslim.core.stage.training_hooks(model)`` gives the providers of the
 compression present (pruning masks re-applied, LSQ scales kept positive). Shared weights stay
 shared by construction (their weight is ``codebook[indices]``: only centroids get gradients)
 and fake-quant models train through their fake-quantizers, so the step needs nothing more.
@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import TorchslimError
-from ..stage import training_hooks
-from ..task import as_tensor, call_model, tensor_loss
-from ..train import TrainConfig, build_optimizer, build_scheduler
-from ..utils import model_device, to_device
+from ..core.errors import TorchslimError
+from ..core.stage import training_hooks
+from ..core.task import as_tensor, call_model, tensor_loss
+from ..core.train import TrainConfig, build_optimizer, build_scheduler
+from ..core.utils import model_device, to_device
 from . import state as ckpt_state
 from .config import OnlineConfig
 from .drift import DriftMonitor
@@ -114,7 +114,7 @@ def param_groups(model: nn.Module, cfg: OnlineConfig) -> list[dict[str, Any]]:
     the scaling the 90%-pruned LeNet reached 0.86-0.92 of the dense online model's prequential
     accuracy on the rotation, with the default 0.5 0.95-0.99). Groups are fixed at the start:
     growth without keep_sparsity does not rescale them; drop-and-grow keeps the densities."""
-    from ..prune.masks import masks_of, param_of
+    from ..pruning.masks import masks_of, param_of
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     scaled: dict[int, float] = {}

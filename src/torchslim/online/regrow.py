@@ -1,10 +1,10 @@
 """Regrowth when capacity is short after a drift: pruned weights with the largest gradient on
 the recent window come back, starting at zero (RigL's growth criterion, Evci et al. 2020).
 
-Not ``torchslim.prune.regrow.recover``: that one restores weights to their *pre-pruning*
+Not ``torchslim.pruning.regrow.recover``: that one restores weights to their *pre-pruning*
 values and accepts a chunk only if a validation split's loss falls; a stream has neither the
 pre-pruning weights nor a validation split, and after a drift the old values are no better a
-start than zero. The masks are updated through ``torchslim.prune.attach_masks`` so every later
+start than zero. The masks are updated through ``torchslim.pruning.attach_masks`` so every later
 step (MaskKeeper) keeps the new, slightly denser mask exact.
 """
 
@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..task import call_model
+from ..core.task import call_model
 
 
 def regrow_by_gradient(model: nn.Module, batches: list[tuple[Any, torch.Tensor]], loss_fn: Any, fraction: float) -> int:
     """Regrow ``fraction`` of the currently pruned entries (global ranking by |grad|); returns how many."""
-    from ..prune.masks import attach_masks, masks_of, param_of
+    from ..pruning.masks import attach_masks, masks_of, param_of
 
     masks = {n: m for n, m in masks_of(model).items() if isinstance(param_of(model, n), nn.Parameter)}
     if not masks or not batches:
@@ -53,7 +53,7 @@ def swap_by_gradient(model: nn.Module, batches: list[tuple[Any, torch.Tensor]], 
     pruned entries with the largest |gradient| on ``batches`` come back, at zero. Every tensor
     keeps exactly its number of non-zeros, so the sparse file's bytes hold; only where the
     non-zeros are moves (after a drift, to the inputs the new data needs). Returns the swaps."""
-    from ..prune.masks import attach_masks, masks_of, param_of
+    from ..pruning.masks import attach_masks, masks_of, param_of
 
     masks = {n: m for n, m in masks_of(model).items() if isinstance(param_of(model, n), nn.Parameter)}
     if not masks or not batches:
@@ -81,7 +81,7 @@ def swap_by_gradient(model: nn.Module, batches: list[tuple[Any, torch.Tensor]], 
 
 def _gradients(model: nn.Module, batches: list[tuple[Any, torch.Tensor]], loss_fn: Any,
                masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from ..prune.masks import param_of
+    from ..pruning.masks import param_of
 
     was = model.training
     model.eval()

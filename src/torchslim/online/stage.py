@@ -1,7 +1,7 @@
 """``online`` as a recipe stage: learn prequentially from the task's train split as a stream.
 
 Registered for ``OnlineConfig`` so that a recipe stage ``- online: {lr: 0.01}`` (and
-``torchslim.stage.apply_stage(model, OnlineConfig(...), task)``) runs one pass of online
+``torchslim.core.stage.apply_stage(model, OnlineConfig(...), task)``) runs one pass of online
 learning over ``task.train`` (batches in the loader's order, seeded by ``cfg.seed``). The
 ``torchslim online`` command (``online_app``) is the full form with a ``stream`` block.
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import check
-from ..stage import StageResult, register_stage
-from ..task import Task
+from ..core.errors import check
+from ..core.stage import StageResult, register_stage
+from ..core.task import Task
 from .config import OnlineConfig
 from .loop import online
 from .stream import TaskStream

@@ -18,14 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..utils import atomic_write
+from ..core.utils import atomic_write
 
 NAME = "online.pt"
 
 
 def save(path: Path, model: nn.Module, opt: Any, sched: Any, replay: Any, ewc: Any, monitor: Any,
          recent: list, loop: dict[str, Any]) -> None:
-    from ..prune.masks import masks_of
+    from ..pruning.masks import masks_of
 
     payload = {
         "model": model.state_dict(),
@@ -43,7 +43,7 @@ def save(path: Path, model: nn.Module, opt: Any, sched: Any, replay: Any, ewc: A
 
 
 def load(path: Path, model: nn.Module, opt: Any, sched: Any, replay: Any, ewc: Any, monitor: Any) -> tuple[list, dict[str, Any]]:
-    from ..prune.masks import attach_masks
+    from ..pruning.masks import attach_masks
 
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if payload["masks"]:

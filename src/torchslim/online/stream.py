@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, TaskError
-from ..task import Task
+from ..core.errors import ConfigError, TaskError
+from ..core.task import Task
 
 Batch = tuple[Any, torch.Tensor]
 

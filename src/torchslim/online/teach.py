@@ -16,8 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import ConfigError
-from ..task import load_callable
+from ..core.errors import ConfigError
+from ..core.task import load_callable
 
 
 def resolve_teacher(teacher: Any) -> nn.Module | None:
@@ -36,7 +36,7 @@ class DriftTeacher:
     module is put in eval mode and its parameters frozen (it is never trained here)."""
 
     def __init__(self, teacher: nn.Module, alpha: float, temperature: float, batches: int):
-        from ..distill import DistillationHook, DistillConfig
+        from ..distillation import DistillationHook, DistillConfig
 
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():

@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..measure import count_nonzeros, count_params
-from ..measure_latency import compare_latency
-from ..measure_timing import timing_warnings
-from ..prune import graph
-from ..prune.structured import layer_macs
-from ..task import Task, call_model
-from ..utils import removing
+from ..core.measure import count_nonzeros, count_params
+from ..core.measure.latency import compare_latency
+from ..core.measure.timing import timing_warnings
+from ..core.task import Task, call_model
+from ..core.utils import removing
+from ..pruning import graph
+from ..pruning.structured import layer_macs
 from .space import Policy, SearchSpace
 
 

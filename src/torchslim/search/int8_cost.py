@@ -28,9 +28,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..measure_latency import compare_latency
-from ..measure_timing import timing_warnings
-from ..task import Task, call_model
+from ..core.measure.latency import compare_latency
+from ..core.measure.timing import timing_warnings
+from ..core.task import Task, call_model
 from .cost import CostModel, _grid, _layer_inputs, _layer_like, fit_curve, materialize
 from .space import GRANULARITIES, Policy
 
@@ -89,7 +89,7 @@ def _data_task(x: torch.Tensor) -> Task:
 def ort_int8(model: nn.Module, example: Any, task: Task, granularity: str, keep_float: tuple[str, ...] = (),
              threads: int | None = 1) -> nn.Module:
     """``model`` as an ONNX Runtime static int8 graph (float: ``keep_float`` layers)."""
-    from ..quantize.ort_backend import OrtQuantConfig, ort_quantize
+    from ..quantization.ort_backend import OrtQuantConfig, ort_quantize
 
     cfg = OrtQuantConfig(mode="static", per_channel=granularity == "per_channel", optimize=False,
                          exclude_layers=tuple(keep_float), batches=2)
@@ -99,7 +99,7 @@ def ort_int8(model: nn.Module, example: Any, task: Task, granularity: str, keep_
 def build_int8_table(cm: CostModel, model: nn.Module, task: Task, batch_size: int = 256, threads: int | None = 1,
                      grid: int = 3, repeats: int = 5) -> Int8Table:
     """Measure the int8 table of ``model`` on this machine (see module doc) and calibrate it."""
-    from ..quantize.ort_backend import ort_fp32
+    from ..quantization.ort_backend import ort_fp32
 
     space, model = cm.space, model.eval()
     inputs = task.example_inputs(batch_size=batch_size)

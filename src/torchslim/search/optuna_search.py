@@ -16,7 +16,7 @@ from typing import Any
 
 import optuna
 
-from ..errors import check
+from ..core.errors import check
 from .space import GRANULARITIES, Policy
 from .trials import Evaluator
 

@@ -18,11 +18,11 @@ from typing import Any
 
 from torch import nn
 
-from ..recipe import load_recipe
-from ..stage import apply_stage, training_hooks
-from ..task import Task
-from ..train import fit
-from ..utils import seed_everything
+from ..app.recipe import load_recipe
+from ..core.stage import apply_stage, training_hooks
+from ..core.task import Task
+from ..core.train import fit
+from ..core.utils import seed_everything
 from .space import Policy, SearchSpace
 
 

@@ -15,10 +15,10 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import check
-from ..prune.sensitivity import sensitivity
-from ..prune.unstructured import PruneConfig
-from ..task import Task
+from ..core.errors import check
+from ..core.task import Task
+from ..pruning.sensitivity import sensitivity
+from ..pruning.unstructured import PruneConfig
 from .space import Policy, SearchSpace
 
 KINDS = ("latency", "macs", "nonzeros")

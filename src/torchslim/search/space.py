@@ -16,10 +16,10 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import check
-from ..prune import graph
-from ..prune.structured import layer_shrink
-from ..task import Task
+from ..core.errors import check
+from ..core.task import Task
+from ..pruning import graph
+from ..pruning.structured import layer_shrink
 
 
 @dataclass(frozen=True)
@@ -174,8 +174,8 @@ def build_space(model: nn.Module, task: Task, keep_min: float = 0.25, sparsities
 def _forward_order(model: nn.Module, example: Any) -> list[str]:
     import torch
 
-    from ..task import call_model
-    from ..utils import removing
+    from ..core.task import call_model
+    from ..core.utils import removing
 
     names = graph.module_names(model)
     order: list[str] = []

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..task import Task
+from ..core.task import Task
 from . import policy as policy_mod
 from .cost import CostModel
 from .rules import Budget, fit_budget

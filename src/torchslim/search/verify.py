@@ -22,9 +22,9 @@ from typing import Any
 
 from torch import nn
 
-from ..measure_latency import compare_latency
-from ..measure_timing import timing_warnings
-from ..task import Task, call_model
+from ..core.measure.latency import compare_latency
+from ..core.measure.timing import timing_warnings
+from ..core.task import Task, call_model
 from . import rules
 from .cost import CostModel, fit_curve, materialize
 from .space import Policy

@@ -7,8 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import TaskError
-from ..task import Task, load_callable
+from ..core.errors import TaskError
+from ..core.task import Task, load_callable
 from . import data, models
 
 MODELS: dict[str, Callable[..., nn.Module]] = {

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..errors import TaskError
-from ..task import Task
+from ..core.errors import TaskError
+from ..core.task import Task
 
 
 def loaders_from_arrays(

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..errors import TaskError, check
-from ..task import Task, call_model
-from ..utils import atomic_write, eval_mode, model_device
+from ..core.errors import TaskError, check
+from ..core.task import Task, call_model
+from ..core.utils import atomic_write, eval_mode, model_device
 from . import MODELS, TASKS
 
 # Set before transformers is first imported (it reads them at import time); a local directory
@@ -103,7 +103,7 @@ def load_minilm(dropout: float = 0.0) -> SentenceEncoder:
     """
     check(0.0 <= dropout < 1.0, "load_minilm.dropout", "must be in [0, 1)")
     path = model_dir()
-    from ..compat import import_torchvision
+    from ..core.compat import import_torchvision
 
     import_torchvision()  # transformers imports it when installed; see compat.py
     from transformers import AutoModel
@@ -120,7 +120,7 @@ def load_minilm(dropout: float = 0.0) -> SentenceEncoder:
 def load_tokenizer() -> Any:
     """The bundled (uncased WordPiece) tokenizer, loaded offline; cached, it is stateless."""
     path = model_dir()
-    from ..compat import import_torchvision
+    from ..core.compat import import_torchvision
 
     import_torchvision()
     from transformers import AutoTokenizer

@@ -1,0 +1,326 @@
+"""``torchslim search RECIPE``: find the best compression policy under a budget, write it as a recipe.
+
+A search recipe is an ordinary recipe (task, model, seed, ``train`` for the baseline, measure)
+plus a ``search`` block; its ``stages`` are ignored (the search writes them)::
+
+    search:
+      budget: {latency: 0.5x}        # or {macs: 0.3x}, {size: 8MB} (non-zero fp32 bytes)
+      method: tpe                    # uniform | sensitivity | rules | random | tpe | nsga2 | rl
+      trials: 20                     # evaluated policies
+      finetune: {epochs: 1}          # per-policy recovery (TrainConfig fields)
+      accuracy_min: 0.9              # optional: exit code 1 when the best is below it
+      int8: false                    # int8-or-float per layer + granularity, on ORT's int8 kernels
+
+Outputs in ``out``: ``baseline.safetensors`` (the trained model every policy starts from),
+``cost.json`` (the measured latency table), ``trials.json`` (every evaluated policy: metrics,
+costs, the maker; each a point of the Pareto plot), ``pareto.json``, ``best_recipe.yaml`` (the
+best policy as a recipe: ``torchslim run best_recipe.yaml`` reproduces its metric) and
+``search.json`` (summary). Under a latency budget the answer is *measured*: the best trials are
+timed end to end, interleaved with the baseline, until one holds the budget (within
+``tolerance``; ``search.verify``), the table recalibrated by each check; ``search.json`` says
+which holds and by how much, and ``best_recipe.yaml`` is always a policy that held. ``trials.jsonl``
+logs every evaluated policy as it finishes: ``resume=True`` reuses the baseline, the table and that
+log (so a killed rules or RL search replays its finished trials from the log instead of re-running
+them), and an Optuna study continues from its storage (SQLite by default).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..core.errors import ConfigError
+from ..core.isa import machine_facts
+from ..core.train import TrainConfig, fit
+from ..core.utils import atomic_write_text, seed_everything
+from ..export.weights import load_weights, save_weights
+from ..search import cost as cost_mod
+from ..search import int8_cost, optuna_search, rules, verify
+from ..search.space import Policy, build_space
+from ..search.trials import Evaluator, best, pareto
+from ..zoo import build_model, build_task
+from .recipe import RecipeError, build_dataclass, load_recipe, read_recipe_file
+
+OUTPUTS = ("baseline.safetensors", "cost.json", "trials.json", "pareto.json", "best_recipe.yaml", "search.json",
+           "search.db", "search.journal", "search.journal.lock", "trials.jsonl", "sensitivity.json")
+METHODS = ("uniform", "sensitivity", "rules", "random", "tpe", "nsga2", "rl")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TableSpec(_Strict):
+    grid: int = Field(9, ge=2, le=64)
+    repeats: int = Field(7, ge=1, le=1000)
+
+
+class SearchSpec(_Strict):
+    budget: dict[str, str | float] = {"latency": "0.5x"}
+    method: str = "tpe"
+    trials: int = Field(20, ge=1, le=100_000)
+    finetune: dict[str, Any] | None = {"epochs": 1}
+    accuracy_min: float | None = Field(None, ge=0.0, le=1.0)
+    keep_min: float = Field(0.25, gt=0.0, le=1.0)
+    step: int | None = Field(8, ge=1, le=1024)
+    sparsities: list[float] = []
+    int8: bool = False
+    rules: list[dict[str, Any]] = []
+    storage: str | None = None
+    study: str | None = None
+    workers: int = Field(1, ge=1, le=64)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    sensitivity_sparsity: float = Field(0.8, gt=0.0, lt=1.0)
+    table: TableSpec = TableSpec()
+    checks: int = Field(5, ge=1, le=100)           # latency budget: most candidates timed end to end
+    tolerance: float = Field(0.02, ge=0.0, le=0.5)  # measured ratio may exceed the budget by this share
+    int8_backend: Literal["onnxruntime", "simulate"] = "onnxruntime"  # int8: real ORT kernels, priced
+
+
+def parse_budget(budget: dict[str, Any], base_nonzero_bytes: int | None = None) -> rules.Budget:
+    """{latency: 0.5x} / {macs: 0.3x} / {size: 8MB | 0.2x} -> Budget (size in non-zero fp32 bytes)."""
+    if not isinstance(budget, dict) or len(budget) != 1:
+        raise ConfigError("search.budget: give exactly one of latency, macs, size, e.g. {latency: 0.5x}")
+    (kind, raw), = budget.items()
+    if kind not in ("latency", "macs", "size"):
+        raise ConfigError(f"search.budget.{kind}: unknown budget; use latency, macs or size")
+    text = str(raw).strip().lower()
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(x|kb|mb|gb|b)?", text)
+    if not m:
+        raise ConfigError(f"search.budget.{kind}: write a share like 0.5x (or for size 8MB), got {raw!r}")
+    value, unit = float(m.group(1)), m.group(2) or "x"
+    if unit != "x":
+        if kind != "size":
+            raise ConfigError(f"search.budget.{kind}: must be a share of the baseline like 0.5x, got {raw!r}")
+        if base_nonzero_bytes is None:
+            return rules.Budget("nonzeros", 1.0)  # resolved once the baseline is known
+        value = value * {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9}[unit] / base_nonzero_bytes
+        value = min(value, 1.0)
+    if not 0 < value <= 1:
+        raise ConfigError(f"search.budget.{kind}: must be in (0, 1] of the baseline, got {raw!r}")
+    return rules.Budget({"size": "nonzeros"}.get(kind, kind), value)
+
+
+def read_search_recipe(path: str | Path) -> tuple[dict[str, Any], SearchSpec]:
+    """(the recipe without its search block, validated; the search block), before any work."""
+    data = read_recipe_file(path)
+    if not isinstance(data, dict) or not isinstance(data.get("search"), dict):
+        raise RecipeError("search: a search recipe needs a `search:` mapping (budget, method, trials)")
+    block = data.pop("search")
+    try:
+        spec = SearchSpec.model_validate(block)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise RecipeError(f"search.{where}: {err['msg'].lower()}") from None
+    if spec.method not in METHODS:
+        raise RecipeError(f"search.method: unknown method {spec.method!r}; use one of {', '.join(METHODS)}")
+    parse_budget(spec.budget)
+    if spec.finetune is not None:
+        build_dataclass(TrainConfig, spec.finetune, "search.finetune")
+    data.pop("stages", None)
+    load_recipe(dict(data, stages=[]))  # task/model/train/measure checked now, not an hour in
+    return data, spec
+
+
+def _baseline(recipe: dict[str, Any], out: Path, resume: bool, log) -> tuple[Any, torch.nn.Module, Path]:
+    parsed = load_recipe(dict(recipe, stages=[]))
+    task = build_task(parsed.task.name, **parsed.task.kwargs)
+    seed_everything(parsed.spec.seed)
+    model = build_model(parsed.model.name, task, **parsed.model.kwargs)
+    path = out / "baseline.safetensors"
+    if resume and path.exists():
+        load_weights(model, path)
+        log(f"baseline: reusing {path}")
+    else:
+        if parsed.model.weights:
+            load_weights(model, parsed.model.weights)
+        if parsed.train is not None:
+            log(f"baseline: training {parsed.model.name} on {task.name}")
+            fit(model, task, parsed.train)
+        save_weights(model, path)
+    return task, model.eval(), path
+
+
+def _cost_model(model, space, task, recipe, spec: SearchSpec, out: Path, resume: bool, kind: str, log):
+    measure = recipe.get("measure") or {}
+    batch, threads = int(measure.get("batch_size", 256)), measure.get("threads", 1)
+    cm = cost_mod.build_cost_model(model, space, task, batch_size=batch, threads=threads, latency=False)
+    path = out / "cost.json"
+    if kind != "latency":
+        return cm
+    if resume and path.exists():
+        saved = json.loads(path.read_text())
+        cm.tables, cm.curve, cm.calibration = saved["tables"], saved["curve"], saved["calibration"]
+        cm.base_ms, cm.notes = saved["base_ms"], saved["notes"]
+        if "int8" in saved:
+            cm.int8 = int8_cost.Int8Table.from_dict(saved["int8"])
+        log(f"latency table: reusing {path}")
+        return cm
+    t0 = time.perf_counter()
+    cm = cost_mod.build_cost_model(model, space, task, batch_size=batch, threads=threads,
+                                   grid=spec.table.grid, repeats=spec.table.repeats)
+    log(f"latency table: {len(cm.tables)} layers measured in {time.perf_counter() - t0:.1f}s "
+        f"(batch {batch}, {threads} thread(s)); {len(cm.notes)} timing warning(s)")
+    if space.int8 and space.int8_backend == "onnxruntime":  # bit widths priced by ORT's int8 kernels
+        t0 = time.perf_counter()
+        cm.int8 = int8_cost.build_int8_table(cm, model, task, batch_size=batch, threads=threads,
+                                             repeats=spec.table.repeats)
+        log(f"int8 table (ONNX Runtime fp32 / int8 per channel / per tensor): {time.perf_counter() - t0:.1f}s; "
+            f"calibrated at {len(cm.int8.calibration)} uniform int8 models")
+    atomic_write_text(path, json.dumps(cm.to_dict(), indent=1))
+    return cm
+
+
+def make_policies(ev: Evaluator, spec: SearchSpec, out: Path, log) -> list[dict[str, Any]]:
+    """Run the chosen policy maker; every evaluated policy's record."""
+    m, ratio = spec.method, ev.budget.ratio
+    if m == "uniform":
+        ev(rules.uniform(ev.space, ev.cost, ratio)[0], maker=m, fitted=True)
+    elif m == "sensitivity":
+        cached = out / "sensitivity.json"
+        if cached.exists():  # only a resumed search finds it (a fresh one deletes it)
+            sens = json.loads(cached.read_text())
+        else:
+            sens = rules.group_sensitivity(ev.model, ev.task, ev.space, spec.sensitivity_sparsity)
+            atomic_write_text(cached, json.dumps(sens))
+        log("sensitivity per group: " + ", ".join(f"{k} {v:.3f}" for k, v in sens.items()))
+        ev(rules.sensitivity_rule(sens, ev.space, ev.cost, ratio)[0], maker=m, fitted=True)
+    elif m == "rules":
+        ev(rules.user_rules(spec.rules, ev.space, ev.cost, ratio)[0], maker=m, fitted=True)
+    elif m == "rl":
+        from ..search import agent
+
+        agent.run(ev, spec.trials, seed=spec.seed)
+    else:
+        default = spec.storage or (None if spec.workers == 1 else f"journal:{out / 'search.journal'}")
+        storage = optuna_search.storage_for(default, str(out / "search.db"))
+        name = spec.study or f"torchslim-{m}-{spec.seed}"
+        stale = optuna_search.fail_stale(optuna_search.study(m, storage, name, spec.seed, spec.trials))
+        if stale:
+            log(f"resume: {stale} trial(s) an interrupted run left running are marked failed and re-run")
+        if spec.workers > 1:
+            return _parallel(ev, spec, m, storage if isinstance(storage, str) else default, name, log)
+        return optuna_search.run(ev, m, spec.trials, storage, name, seed=spec.seed)
+    return ev.trials
+
+
+def _worker(args: tuple) -> int:
+    """One worker process of a parallel Optuna search (rebuilds the evaluator from the files)."""
+    path, out, worker = args
+    torch.set_num_threads(1)
+    ev, spec = _evaluator(Path(path), Path(out), True, lambda s: print(f"[worker {worker}] {s}", flush=True))
+    default = spec.storage or f"journal:{Path(out) / 'search.journal'}"
+    storage = optuna_search.storage_for(default, str(Path(out) / "search.db"))
+    name = spec.study or f"torchslim-{spec.method}-{spec.seed}"
+    optuna_search.run(ev, spec.method, spec.trials, storage, name, seed=spec.seed + 1000 * worker)
+    return worker
+
+
+def _parallel(ev: Evaluator, spec: SearchSpec, method: str, storage_spec: str, name: str, log) -> list[dict[str, Any]]:
+    import multiprocessing as mp
+
+    optuna_search.study(method, optuna_search.storage_for(storage_spec, ""), name, spec.seed, spec.trials)
+    with mp.get_context("spawn").Pool(spec.workers) as pool:
+        list(pool.imap_unordered(_worker, [(str(_SOURCE[0]), str(_SOURCE[1]), w) for w in range(spec.workers)]))
+    st = optuna_search.study(method, optuna_search.storage_for(storage_spec, ""), name, spec.seed, spec.trials)
+    return optuna_search.records(st)
+
+
+_SOURCE: list[Path] = []
+
+
+def _evaluator(path: Path, out: Path, resume: bool, log) -> tuple[Evaluator, SearchSpec]:
+    recipe, spec = read_search_recipe(path)
+    task, model, weights = _baseline(recipe, out, resume, log)
+    space = build_space(model, task, keep_min=spec.keep_min, sparsities=tuple(spec.sparsities),
+                        int8=spec.int8, step=spec.step, int8_backend=spec.int8_backend)
+    budget = parse_budget(spec.budget)
+    probe = cost_mod.build_cost_model(model, space, task, latency=False)
+    if budget.kind == "nonzeros":
+        base_bytes = 4 * probe.counts(model, Policy(), task.example_inputs(batch_size=1))["nonzeros"]
+        budget = parse_budget(spec.budget, base_bytes)
+    cm = _cost_model(model, space, task, recipe, spec, out, resume, budget.kind, log)
+    base = copy.deepcopy(recipe)
+    base.pop("train", None)
+    model_spec = base["model"] if isinstance(base["model"], dict) else {"name": base["model"]}
+    base["model"] = dict(model_spec, weights=str(weights.resolve()))
+    base.pop("out", None)
+    return Evaluator(model, task, space, cm, budget, base, spec.finetune, log=log, journal=out / "trials.jsonl"), spec
+
+
+def run_search(path: str | Path, out_dir: str | Path | None = None, resume: bool = False, log=print) -> int:
+    """The ``torchslim search`` entry: 0 when a policy within budget (and accuracy_min) was found,
+    1 when none was; bad input raises a one-line ConfigError/RecipeError (exit code 2)."""
+    t0 = time.perf_counter()
+    out = Path(out_dir or "out-search")
+    out.mkdir(parents=True, exist_ok=True)
+    _SOURCE[:] = [Path(path).resolve(), out.resolve()]
+    if not resume:  # a fresh search: what an earlier one wrote here would be continued otherwise
+        for name in OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+    ev, spec = _evaluator(Path(path), out, resume, log)
+    log(f"search: {spec.method}, {spec.trials} trial(s), budget {ev.budget.kind} <= {ev.budget.ratio:.3f}x, "
+        f"{len(ev.space.groups)} channel groups")
+    trials = make_policies(ev, spec, out, log)
+    summary = write_outputs(ev, spec, trials, out, time.perf_counter() - t0, log)
+    top = summary.get("best")
+    ok = top is not None and (spec.accuracy_min is None or top["val"] >= spec.accuracy_min)
+    return 0 if ok else 1
+
+
+def hold_budget(ev: Evaluator, spec: SearchSpec, trials: list[dict[str, Any]], out: Path, log) -> dict[str, Any]:
+    """Under a latency budget: the best trial that holds it as measured (``verify.hold``); the
+    table, recalibrated by the checks, is saved for a resumed search."""
+    measure = ev.base_recipe.get("measure") or {}
+    result = verify.hold(ev, trials, tolerance=spec.tolerance, most=spec.checks,
+                         batch_size=int(measure.get("batch_size", 256)), threads=measure.get("threads", 1), log=log)
+    atomic_write_text(out / "cost.json", json.dumps(ev.cost_model.to_dict(), indent=1))
+    return result
+
+
+def write_outputs(ev: Evaluator, spec: SearchSpec, trials: list[dict[str, Any]], out: Path,
+                  seconds: float, log) -> dict[str, Any]:
+    key = "latency_ratio" if ev.budget.kind == "latency" else "macs_ratio"
+    top = best(trials)
+    held = None
+    if top is not None and ev.budget.kind == "latency":
+        held = hold_budget(ev, spec, trials, out, log)
+        trials = trials + held["extra"]  # + the recalibrated fallback, when one was needed
+        top = held["chosen"]
+    summary: dict[str, Any] = {"method": spec.method, "budget": {"kind": ev.budget.kind, "ratio": ev.budget.ratio},
+                               "trials": len(trials), "seconds": round(seconds, 1), "best": top,
+                               "resumed_trials": sum(bool(t.get("resumed")) for t in trials),
+                               "machine": machine_facts(torch.get_num_threads()),
+                               "space": ev.space.describe()}
+    if held is not None:
+        checks = held["checks"]
+        summary["latency_check"] = checks[-1] if top is not None else None
+        summary["latency_checks"] = checks
+        summary["passed_over"] = held["passed_over"]
+        summary["budget_held"] = top is not None
+        if top is not None:
+            summary["measured_latency_ratio"] = checks[-1]["measured_ratio"]
+            summary["budget_margin_pct"] = checks[-1]["margin_pct"]  # > 0: under the budget by that share
+    atomic_write_text(out / "trials.json", json.dumps(trials, indent=1))
+    atomic_write_text(out / "pareto.json", json.dumps(pareto(trials, key), indent=1))
+    (out / "best_recipe.yaml").unlink(missing_ok=True)  # only a policy that holds the budget is written
+    if top is not None:
+        recipe = dict(ev.recipe(Policy.from_dict(top["policy"])), name=f"best policy of a {spec.method} search")
+        atomic_write_text(out / "best_recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
+        measured = (f", measured {summary['measured_latency_ratio']:.3f}x ({summary['budget_margin_pct']:+.1f}% "
+                    f"under the budget)") if held is not None else ""
+        log(f"best: val {top['val']:.4f} test {top['test']:.4f} at {top.get(key, float('nan')):.3f}x {key[:-6]}"
+            f"{measured} -> {out / 'best_recipe.yaml'}")
+    else:
+        log("no policy within the budget was found" + (" as measured" if held is not None else ""))
+    atomic_write_text(out / "search.json", json.dumps(summary, indent=1, default=str))
+    return summary
