@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -18,7 +17,6 @@ from torchslim.core.train import TrainConfig, fit
 from torchslim.pruning.importance import (
     accumulate_grads,
     group_norm,
-    layer_importance,
     score_params,
 )
 from torchslim.pruning.masks import MaskKeeper, masks_for_sparsity, masks_of, remove
@@ -254,8 +252,9 @@ def test_sensitivity_and_allocation(trained, task):
 
 
 def test_layer_importance_bypass(trained, task):
-    imp = layer_importance(trained, task, ["net.2", "net.1"])
-    assert imp["net.1"] == math.inf  # Linear 64 -> 32 cannot be bypassed
+    from torchslim.pruning.layers import LayerDropConfig, layer_importance
+
+    imp = layer_importance(trained, ["net.2"], LayerDropConfig(count=1, criterion="metric", split="val"), task)
     assert imp["net.2"] == pytest.approx(task.evaluate(trained, "val") - task.evaluate(
         nn.Sequential(*[m for i, m in enumerate(trained.net) if i != 2]), "val"))
 

@@ -11,13 +11,13 @@ from . import nm, unstructured
 from .importance import (
     CRITERIA,
     accumulate_grads,
+    backward_batches,
     bn_scale,
     group_norm,
-    layer_importance,
     register_criterion,
     score_params,
 )
-from .layers import Bypass, LayerDropConfig, drop_layers
+from .layers import Bypass, LayerDropConfig, drop_layers, layer_importance
 from .masks import MaskKeeper, apply_masks, attach_masks, masks_for_sparsity, masks_of, remove
 from .nm import NMConfig, check_nm, nm_mask, prune_nm
 from .regrow import RecoveryConfig, recover
@@ -48,11 +48,45 @@ def prune(model, config, task) -> StageResult:
 
 
 __all__ = [
-    "CRITERIA", "Bypass", "GradualPruner", "LayerDropConfig", "MaskKeeper", "NMConfig", "PruneConfig",
-    "RecoveryConfig", "StructuredPruneConfig", "TransformerPruneConfig", "accumulate_grads", "allocate",
-    "apply_masks", "attach_masks", "bn_scale", "check_nm", "cubic_sparsity", "drop_layers", "gradual",
-    "group_norm", "iterative", "layer_importance", "masks_for_sparsity", "masks_of", "nm", "nm_mask",
-    "oneshot", "prune", "prune_model", "prune_nm", "prune_structured", "prune_transformer", "recover",
-    "register_criterion", "remove", "score_params", "select_layers", "sensitivity", "unstructured",
+    "CRITERIA",
+    "Bypass",
+    "GradualPruner",
+    "LayerDropConfig",
+    "MaskKeeper",
+    "NMConfig",
+    "PruneConfig",
+    "RecoveryConfig",
+    "StructuredPruneConfig",
+    "TransformerPruneConfig",
+    "accumulate_grads",
+    "allocate",
+    "apply_masks",
+    "attach_masks",
+    "backward_batches",
+    "bn_scale",
+    "check_nm",
+    "cubic_sparsity",
+    "drop_layers",
+    "gradual",
+    "group_norm",
+    "iterative",
+    "layer_importance",
+    "masks_for_sparsity",
+    "masks_of",
+    "nm",
+    "nm_mask",
+    "oneshot",
+    "prune",
+    "prune_model",
+    "prune_nm",
+    "prune_structured",
+    "prune_transformer",
+    "recover",
+    "register_criterion",
+    "remove",
+    "score_params",
+    "select_layers",
+    "sensitivity",
+    "unstructured",
     "weight_sparsity",
 ]

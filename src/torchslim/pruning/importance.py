@@ -3,7 +3,7 @@
 One registry ``CRITERIA`` maps a name to ``score(weight, grad=None, generator=None) -> Tensor``
 (same shape as weight). Group norms score structured units (a neuron's / channel's row of
 weights, a BatchNorm's scale) and return one score per unit, for the structured pruner.
-``layer_importance`` scores whole layers by the metric drop when the layer is bypassed.
+Whole layers are scored in ``layers.layer_importance`` (the layer-drop stage).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..core.task import Task, call_model
-from ..core.utils import model_device, to_device
+from ..core.utils import eval_mode, model_device, to_device
 
 Score = Callable[..., torch.Tensor]
 
@@ -64,24 +64,28 @@ def accumulate_grads(model: nn.Module, task: Task, names: Iterable[str], batches
     """Sum of dL/dw over ``batches`` training batches for the named parameters (model unchanged)."""
     params = dict(model.named_parameters())
     names = list(names)
-    device = model_device(model)
     grads = {n: torch.zeros_like(params[n]) for n in names}
-    was_training = model.training
-    model.train()
     try:
+        backward_batches(model, task, batches, training=True)
+        for n in names:
+            if params[n].grad is not None:
+                grads[n] += params[n].grad.detach()
+    finally:
+        model.zero_grad(set_to_none=True)
+    return grads
+
+
+def backward_batches(model: nn.Module, task: Task, batches: int, training: bool = True) -> None:
+    """Leave in each parameter's ``.grad`` the sum of dL/dw over ``batches`` training batches
+    (the one gradient accumulator: Taylor scores here and Torch-Pruning's TaylorImportance in
+    structured pruning read it), with the model in train (or eval) mode meanwhile."""
+    device = model_device(model)
+    model.zero_grad(set_to_none=True)
+    with eval_mode(model, training), torch.enable_grad():
         for i, (inputs, targets) in enumerate(task.split("train")):
             if i >= batches:
                 break
-            model.zero_grad(set_to_none=True)
-            loss = task.loss(call_model(model, to_device(inputs, device)), to_device(targets, device))
-            loss.backward()
-            for n in names:
-                if params[n].grad is not None:
-                    grads[n] += params[n].grad.detach()
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-    return grads
+            task.loss(call_model(model, to_device(inputs, device)), to_device(targets, device)).backward()
 
 
 def score_params(
@@ -119,28 +123,3 @@ GROUP_CRITERIA: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-# ------------------------------------------------------------------ whole layers
-@torch.no_grad()
-def layer_importance(model: nn.Module, task: Task, layers: Iterable[str], split: str = "val") -> dict[str, float]:
-    """Metric drop when each named layer is bypassed (output := input; layers whose output shape
-    differs from the input shape cannot be bypassed and score +inf)."""
-    base = task.evaluate(model, split)
-    out: dict[str, float] = {}
-    for name in layers:
-        module = model.get_submodule(name)
-        mismatch = []
-
-        def bypass(mod, args, output, _m=mismatch):
-            x = args[0] if args else None
-            if isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor) and x.shape == output.shape:
-                return x
-            _m.append(True)
-            return output
-
-        handle = module.register_forward_hook(bypass)
-        try:
-            value = task.evaluate(model, split)
-        finally:
-            handle.remove()
-        out[name] = float("inf") if mismatch else base - value
-    return out

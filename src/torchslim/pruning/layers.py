@@ -21,7 +21,7 @@ from ..core.errors import ConfigError, check
 from ..core.selection import Layers, layers_field
 from ..core.stage import StageResult, register_stage
 from ..core.task import Task, as_tensor, call_model
-from ..core.utils import model_device, removing, to_device
+from ..core.utils import eval_mode, model_device, removing, to_device
 
 CRITERIA = ("metric", "output")
 
@@ -156,9 +156,7 @@ def _outputs(model: nn.Module, task: Task, split: str, batches: int) -> tuple[li
 
 def layer_importance(model: nn.Module, names: list[str], cfg: LayerDropConfig, task: Task) -> dict[str, float]:
     """What bypassing each layer alone costs (higher = more important)."""
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if cfg.criterion == "metric":
             base = task.evaluate(model, cfg.split)
         else:
@@ -172,8 +170,6 @@ def layer_importance(model: nn.Module, names: list[str], cfg: LayerDropConfig, t
                 out, _ = _outputs(trial, task, cfg.split, cfg.batches)
                 num = sum((a - b).pow(2).sum() for a, b in zip(out, ref))
                 scores[n] = float((num / sum(b.pow(2).sum() for b in ref).clamp_min(1e-12)).sqrt())
-    finally:
-        model.train(was)
     return scores
 
 

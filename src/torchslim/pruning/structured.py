@@ -26,6 +26,7 @@ from ..core.task import Task, call_model
 from ..core.train import TrainConfig, fit
 from ..core.utils import model_device, removing, to_device
 from . import graph
+from .importance import backward_batches
 from .masks import attach_masks, masks_of
 from .masks import remove as remove_masks
 
@@ -135,25 +136,11 @@ def layer_macs(model: nn.Module, inputs: Any) -> dict[str, int]:
     return macs
 
 
-def _accumulate_taylor_grads(model: nn.Module, task: Task, batches: int) -> None:
-    device = model_device(model)
-    model.zero_grad(set_to_none=True)
-    was = model.training
-    model.eval()
-    with torch.enable_grad():
-        for i, (inputs, targets) in enumerate(task.split("train")):
-            if i >= batches:
-                break
-            out = call_model(model, to_device(inputs, device))
-            task.loss(out, to_device(targets, device)).backward()
-    model.train(was)
-
-
 def channel_scores(model: nn.Module, groups: dict[str, Any], cfg: StructuredPruneConfig, task: Task) -> dict[str, torch.Tensor]:
     """A score per output channel of every group (higher = keep), mean-normalised per group."""
     torch.manual_seed(cfg.seed)
     if cfg.criterion == "taylor":
-        _accumulate_taylor_grads(model, task, cfg.batches)
+        backward_batches(model, task, cfg.batches, training=False)
     imp = CRITERIA[cfg.criterion]()
     scores = {}
     for root, group in groups.items():
