@@ -49,7 +49,7 @@ def test_export_of_a_float_model_is_refused_in_one_line(tmp_path, capsys):
 
 
 def test_report_of_an_online_run_plots_accuracy_over_the_stream(tmp_path):
-    pytest.importorskip("plotly")
+    pytest.importorskip("matplotlib")
     from torchslim.app import cli
 
     data = {**RECIPE, "stream": {**RECIPE["stream"], "export": None},
@@ -68,7 +68,7 @@ def test_report_of_an_online_run_plots_accuracy_over_the_stream(tmp_path):
 
 
 def test_exit_figures_from_an_early_exit_stage_info():
-    pytest.importorskip("plotly")
+    pytest.importorskip("matplotlib")
     from torchslim.app.report.dynamic_figures import dynamic_figures, exit_series
 
     run = {"rows": [{"stage": "baseline", "info": {}},
