@@ -152,6 +152,28 @@ def _layer_inputs(model: nn.Module, inputs: Any) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+
+def layer_layouts(cm: CostModel, mods: dict[str, nn.Module], shapes: dict[str, tuple], grid: int
+                  ) -> tuple[dict[str, tuple], dict[tuple, tuple[nn.Module, list[int], list[int], int, tuple]]]:
+    """(layer -> its table key, key -> (module, input widths, output widths, batch, spatial dims)):
+    the grid of widths each searched layer can take; layers of the same kind and shape share one
+    key, so each distinct table is measured once (the fp32 table here, the int8 one in int8_cost)."""
+    space = cm.space
+    by_root = {g.root: g for g in space.groups}
+    keys: dict[str, tuple] = {}
+    layouts: dict[tuple, tuple[nn.Module, list[int], list[int], int, tuple]] = {}
+    for layer in space.layers:
+        if layer not in shapes:
+            continue
+        mod, (c_in, c_out) = mods[layer], cm.base_widths[layer]
+        gi, go = cm.wire[layer]
+        ins = _grid(space.widths(by_root[gi]), grid) if gi else [c_in]
+        outs = _grid(space.widths(by_root[go]), grid) if go else [c_out]
+        spatial = tuple(shapes[layer][2:]) if not isinstance(mod, nn.Linear) else ()
+        keys[layer] = (repr(mod), tuple(ins), tuple(outs), shapes[layer][0], spatial)
+        layouts.setdefault(keys[layer], (mod, ins, outs, shapes[layer][0], spatial))
+    return keys, layouts
+
 def _grid(widths: list[int], most: int) -> list[int]:
     """All legal widths when there are at most ``most``, else ``most`` of them evenly spread."""
     if len(widths) <= most:
@@ -177,19 +199,7 @@ def build_cost_model(model: nn.Module, space: SearchSpace, task: Task, batch_siz
     inputs = task.example_inputs(batch_size=batch_size)
     shapes = _layer_inputs(model, inputs)
     mods = dict(model.named_modules())
-    by_root = {g.root: g for g in space.groups}
-    keys: dict[str, tuple] = {}
-    layouts: dict[tuple, tuple[nn.Module, list[int], list[int], int, tuple]] = {}
-    for layer in space.layers:
-        if layer not in shapes:
-            continue
-        mod, (c_in, c_out) = mods[layer], cm.base_widths[layer]
-        gi, go = cm.wire[layer]
-        ins = _grid(space.widths(by_root[gi]), grid) if gi else [c_in]
-        outs = _grid(space.widths(by_root[go]), grid) if go else [c_out]
-        spatial = tuple(shapes[layer][2:]) if not isinstance(mod, nn.Linear) else ()
-        keys[layer] = (repr(mod), tuple(ins), tuple(outs), shapes[layer][0], spatial)
-        layouts.setdefault(keys[layer], (mod, ins, outs, shapes[layer][0], spatial))
+    keys, layouts = layer_layouts(cm, mods, shapes, grid)
     # Every entry of every table in ONE interleaved round-robin: a load spike then stretches all
     # entries alike instead of one layer's table, so ratios between layers stay consistent.
     cands, xs = {}, {}

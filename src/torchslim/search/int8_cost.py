@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ..core.measure.latency import compare_latency
 from ..core.measure.timing import timing_warnings
 from ..core.task import Task, call_model
-from .cost import CostModel, _grid, _layer_inputs, _layer_like, fit_curve, materialize
+from .cost import CostModel, _layer_inputs, _layer_like, fit_curve, layer_layouts, materialize
 from .space import GRANULARITIES, Policy
 
 KINDS = ("fp32", *GRANULARITIES)
@@ -101,24 +101,13 @@ def build_int8_table(cm: CostModel, model: nn.Module, task: Task, batch_size: in
     """Measure the int8 table of ``model`` on this machine (see module doc) and calibrate it."""
     from ..quantization.ort_backend import ort_fp32
 
-    space, model = cm.space, model.eval()
+    model = model.eval()
     inputs = task.example_inputs(batch_size=batch_size)
     shapes = _layer_inputs(model, inputs)
     mods = dict(model.named_modules())
-    by_root = {g.root: g for g in space.groups}
-    keys, layouts = {}, {}
-    for layer in space.layers:
-        if layer not in shapes:
-            continue
-        mod, (c_in, c_out) = mods[layer], cm.base_widths[layer]
-        gi, go = cm.wire[layer]
-        ins = _grid(space.widths(by_root[gi]), grid) if gi else [c_in]
-        outs = _grid(space.widths(by_root[go]), grid) if go else [c_out]
-        spatial = tuple(shapes[layer][2:]) if not isinstance(mod, nn.Linear) else ()
-        keys[layer] = (repr(mod), tuple(ins), tuple(outs), spatial)
-        layouts.setdefault(keys[layer], (mod, ins, outs, spatial))
+    keys, layouts = layer_layouts(cm, mods, shapes, grid)
     cands: dict[str, Any] = {}
-    for k, (mod, ins, outs, spatial) in enumerate(layouts.values()):
+    for k, (mod, ins, outs, _, spatial) in enumerate(layouts.values()):
         for a in ins:
             x = torch.randn(batch_size, a, *spatial).relu()
             calib = _data_task(x[: min(64, batch_size)])
@@ -139,7 +128,7 @@ def build_int8_table(cm: CostModel, model: nn.Module, task: Task, batch_size: in
     basis = "p10_ms" if timing_warnings(res) else "median_ms"
     out = Int8Table(notes=[f"int8 table: {w}" for w in timing_warnings(res)])
     grids = {}
-    for k, (key, (_, ins, outs, _)) in enumerate(layouts.items()):
+    for k, (key, (_, ins, outs, _, _)) in enumerate(layouts.items()):
         entry = {"in": ins, "out": outs}
         for kind in KINDS:
             ms = np.asarray([[res[f"{k}:{a}x{b}:{kind}"][basis] for b in outs] for a in ins])
