@@ -31,6 +31,36 @@ def test_every_registered_stage_config_is_on_the_contract():
     assert len(STAGES) >= 12
 
 
+def test_every_config_is_on_the_contract():
+    """Not only the registered stages: the configs they and the exports take (OnnxExportConfig,
+    MeasureConfig, TrainConfig, the backends' configs) are declared with @config too."""
+    assert [c.__name__ for c in CONTRACT if not is_config(c)] == []
+    assert {"OnnxExportConfig", "MeasureConfig", "RecoveryConfig", "OrtQuantConfig", "TorchaoConfig",
+            "TrainConfig"} <= {c.__name__ for c in CONTRACT}
+
+
+def test_onnx_export_config_on_the_contract():
+    from torchslim.export.onnx import OnnxExportConfig
+
+    cfg = from_dict(OnnxExportConfig, yaml.safe_load("{opset: 13, exporter: auto, atol: 0.01, dynamic_seq: false}"))
+    assert to_dict(cfg) == {"opset": 13, "dynamic_batch": True, "dynamic_seq": False, "exporter": "auto",
+                            "verify": True, "atol": 0.01, "rtol": 0.001}
+    assert from_dict(OnnxExportConfig, json.loads(json.dumps(to_dict(cfg)))) == cfg
+    cases = [({"opset": 22}, "OnnxExportConfig.opset: must be an integer in [11, 21], got 22"),
+             ({"opset": 10}, "OnnxExportConfig.opset: must be an integer in [11, 21], got 10"),
+             ({"opset": 17.0}, "OnnxExportConfig.opset: must be an integer in [11, 21], got 17.0"),
+             ({"atol": -1e-9}, "OnnxExportConfig.atol: must be a finite number in [0, 1e+06], got -1e-09"),
+             ({"rtol": float("inf")}, "OnnxExportConfig.rtol: must be a finite number in [0, 1e+06], got inf"),
+             ({"verify": 1}, "OnnxExportConfig.verify: input should be a valid boolean, got 1"),
+             ({"exporter": "tf"}, "OnnxExportConfig.exporter: must be one of torchscript, dynamo, auto, got 'tf'")]
+    for fields, expected in cases:
+        with pytest.raises(ConfigError) as err:
+            OnnxExportConfig(**fields)
+        assert str(err.value) == expected
+    with pytest.raises(ConfigError, match=r"^OnnxExportConfig\.dynamic: unknown field of OnnxExportConfig — use one of: opset, "):
+        from_dict(OnnxExportConfig, {"dynamic": True})
+
+
 @pytest.mark.parametrize("cls", CONTRACT, ids=[c.__name__ for c in CONTRACT])
 def test_round_trip_yaml_and_json(cls):
     cfg = _base(cls)

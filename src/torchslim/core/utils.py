@@ -96,15 +96,20 @@ def console():
 
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module, training: bool = False):
-    """Run the block with ``model.train(training)`` (eval by default), then give the model back
-    its own mode, whatever happened in it. torch has no such context manager (``torch.no_grad``
-    is about autograd, not the module mode), and the save/restore was written by hand in 20 places."""
-    was = model.training
+    """Run the block with ``model.train(training)`` (eval by default), then give every submodule
+    back its own mode, whatever happened in it: a model in train mode whose BatchNorm layers a
+    user froze in eval keeps them in eval (``model.train(was)`` would switch them back to train).
+    A module added inside the block takes the model's own mode. torch has no such context
+    manager (``torch.no_grad`` is about autograd, not the module mode), and the save/restore was
+    written by hand in 20 places."""
+    modes = [(m, m.training) for m in model.modules()]
     model.train(training)
     try:
         yield model
     finally:
-        model.train(was)
+        model.train(modes[0][1])  # through train(): a module's own train() override still runs
+        for module, was in modes:
+            module.training = was  # what nn.Module.train sets, for this module alone
 
 
 def jsonable(obj: Any) -> Any:

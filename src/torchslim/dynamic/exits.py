@@ -28,7 +28,7 @@ from ..core.selection import Layers, layers_field
 from ..core.stage import StageResult, register_stage, training_hooks
 from ..core.task import Task
 from ..core.train import TrainConfig, fit
-from ..core.utils import model_device, seed_everything, to_device
+from ..core.utils import eval_mode, model_device, seed_everything, to_device
 from .hf_bert import build_bert, is_bert_classifier
 from .model import EarlyExitModel, ExitHead
 from .policy import NEVER, POLICIES, calibrate, evaluate_threshold
@@ -172,14 +172,12 @@ def train_heads(ee: EarlyExitModel, cfg: ExitConfig, task: Task) -> dict[str, An
 @torch.no_grad()
 def head_logits(ee: EarlyExitModel, task: Task, split_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(E + 1, N, C) logits of every head on a split, and the targets."""
-    was = ee.training
-    ee.eval()
     outs, ys = [], []
     device = ee.thresholds.device
-    for x, y in task.split(split_name):
-        outs.append(ee.all_logits(ee.prepare(to_device(x, device))).float().cpu())
-        ys.append(y.cpu())
-    ee.train(was)
+    with eval_mode(ee):
+        for x, y in task.split(split_name):
+            outs.append(ee.all_logits(ee.prepare(to_device(x, device))).float().cpu())
+            ys.append(y.cpu())
     return torch.cat(outs, dim=1), torch.cat(ys)
 
 

@@ -14,7 +14,8 @@ Layout (a safetensors file, so loading never unpickles anything):
   ``key::bitmask`` (uint8, numpy.packbits of the non-zero pattern, big-endian bit order);
 - ``enc = "gaps"``: ``key::values`` and ``key::gaps`` (uint8 distance from the previous stored
   position, the first counted from -1); gaps over 255 are bridged by stored explicit zeros, as
-  in Deep Compression's relative indexing (Han et al. 2016).
+  in Deep Compression's relative indexing (Han et al. 2016). The gaps are computed by the
+  archive's encoder, ``codec.relative_positions`` (see ``_gaps``).
 Each tensor uses whichever of the three is smallest, so dense tensors cost nothing extra.
 """
 
@@ -31,6 +32,7 @@ from torch import nn
 
 from ..core.errors import WeightsError
 from ..core.utils import atomic_write
+from . import codec
 from .digest import tensor_digest
 
 FORMAT = "torchslim.sparse/2"
@@ -39,22 +41,17 @@ MAX_GAP = 255
 
 
 def _gaps(flat_nz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 gaps between stored positions, with filler positions inserted where a gap > 255."""
-    pos = np.asarray(flat_nz, dtype=np.int64)
-    if len(pos) == 0:
-        return np.zeros(0, np.uint8), pos
-    prev = np.concatenate([[-1], pos[:-1]])
-    gap = pos - prev
-    fillers = (gap - 1) // MAX_GAP  # extra stored zeros needed before each non-zero
-    reps = fillers + 1
-    stored = np.repeat(pos, reps)
-    offsets = np.arange(len(stored)) - np.repeat(np.cumsum(reps) - reps, reps)  # 0..reps-1
-    # filler j (0-based) before pos sits at prev + (j+1)*255; the last entry is pos itself
-    prev_rep = np.repeat(prev, reps)
-    last = offsets == np.repeat(reps - 1, reps)
-    stored = np.where(last, stored, prev_rep + (offsets + 1) * MAX_GAP)
-    steps = np.diff(np.concatenate([[-1], stored]))
-    return steps.astype(np.uint8), stored
+    """(uint8 steps, stored positions): each step is the distance from the previous stored
+    position (1..255); a run of zeros too long for one byte is bridged by stored zeros.
+
+    The gaps themselves come from the archive's encoder, ``codec.relative_positions`` at 8 bits
+    (one encoder for both files): its symbol is the number of zeros skipped before a non-zero
+    (0..254) or the filler 255 (skip 255 zeros). Here a filler is a stored explicit zero at the
+    last position it skips, as in Deep Compression, so every symbol is a step of symbol + 1, a
+    filler one of 255, and the stored positions are their running sum."""
+    sym = codec.relative_positions(flat_nz, 8)
+    steps = np.where(sym == MAX_GAP, MAX_GAP, sym.astype(np.int64) + 1).astype(np.uint8)
+    return steps, np.cumsum(steps, dtype=np.int64) - 1
 
 
 def _encode(key: str, t: torch.Tensor) -> tuple[dict, dict[str, torch.Tensor]]:

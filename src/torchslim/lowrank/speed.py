@@ -22,23 +22,15 @@ import torch
 from torch import nn
 
 from ..core.task import call_model
-from ..core.utils import model_device, to_device
+from ..core.utils import eval_mode, model_device, removing, to_device
 
 
 def hooked_forward(model: nn.Module, hooks: list[tuple[nn.Module, Any]], inputs: Any, pre: bool = False) -> None:
     """One no-grad eval forward of inputs with each (module, hook) attached (forward hooks, or
     pre-hooks with ``pre``); the mode is restored and the hooks removed after."""
     register = (lambda m, h: m.register_forward_pre_hook(h)) if pre else (lambda m, h: m.register_forward_hook(h))
-    handles = [register(m, h) for m, h in hooks]
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            call_model(model, to_device(inputs, model_device(model)))
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
+    with removing([register(m, h) for m, h in hooks]), eval_mode(model), torch.no_grad():
+        call_model(model, to_device(inputs, model_device(model)))
 
 
 def layer_inputs(model: nn.Module, mods: dict[str, nn.Module], inputs: Any) -> dict[str, torch.Tensor]:

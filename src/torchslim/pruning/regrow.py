@@ -19,7 +19,7 @@ from ..core.config_base import config
 from ..core.errors import check
 from ..core.task import Task, call_model
 from ..core.train import TrainConfig
-from ..core.utils import model_device, to_device
+from ..core.utils import eval_mode, model_device, to_device
 from .masks import attach_masks, masks_of, param_of, sparsity_of
 from .schedule import finetune
 
@@ -61,20 +61,18 @@ class RecoveryConfig:
 def val_loss_and_grads(model: nn.Module, task: Task, names: list[str]) -> tuple[float, dict[str, torch.Tensor]]:
     """Mean validation loss and its gradient w.r.t. the named weights (model unchanged)."""
     params = dict(model.named_parameters())
-    device, was_training = model_device(model), model.training
-    model.eval()
-    model.zero_grad(set_to_none=True)
-    total, count = 0.0, 0
-    try:
-        for inputs, targets in task.split("val"):
-            n = len(targets)
-            loss = task.loss(call_model(model, to_device(inputs, device)), to_device(targets, device))
-            (loss * n).backward()
-            total, count = total + loss.item() * n, count + n
-        grads = {k: params[k].grad.detach().clone() / count for k in names}
-    finally:
+    device, total, count = model_device(model), 0.0, 0
+    with eval_mode(model):
         model.zero_grad(set_to_none=True)
-        model.train(was_training)
+        try:
+            for inputs, targets in task.split("val"):
+                n = len(targets)
+                loss = task.loss(call_model(model, to_device(inputs, device)), to_device(targets, device))
+                (loss * n).backward()
+                total, count = total + loss.item() * n, count + n
+            grads = {k: params[k].grad.detach().clone() / count for k in names}
+        finally:
+            model.zero_grad(set_to_none=True)
     return total / count, grads
 
 

@@ -24,7 +24,7 @@ from ..core.selection import Layers, layers_field
 from ..core.stage import StageResult, register_stage, training_hooks
 from ..core.task import Task, call_model
 from ..core.train import TrainConfig, fit
-from ..core.utils import model_device, removing, to_device
+from ..core.utils import eval_mode, model_device, removing, to_device
 from . import graph
 from .importance import backward_batches
 from .masks import attach_masks, masks_of
@@ -238,58 +238,57 @@ def prune_structured(model: nn.Module, cfg: StructuredPruneConfig, task: Task) -
           f"{(shared or [''])[0]!r} holds a parametrized (e.g. shared) weight, whose shape cannot change; "
           "run structured pruning before weight sharing in the recipe")
     example = task.example_inputs(batch_size=1)
-    was_training, model = model.training, copy.deepcopy(model)
+    model = copy.deepcopy(model)  # the input is never modified; the copy comes back in its own mode
     # tracing, MAC counting and scoring run forward passes: in eval mode, so BatchNorm running
     # statistics are not updated by them (results must not depend on the mode the model came in)
-    model.eval()
-    names = dict(model.named_modules())
-    unknown = [p for p in cfg.layers.exclude if not any(fnmatch.fnmatchcase(n, p) for n in names)]
-    check(not unknown, "StructuredPruneConfig.layers.exclude", f"no module matches {unknown[:1]} in the model")
-    base_macs, base_widths = count_macs(model, example), graph.layer_widths(model)
-    base_layer_macs = layer_macs(model, example)
-    base_params = sum(p.numel() for p in model.parameters())
-    skipped: dict[str, str] = {}
-    history: list[dict[str, Any]] = []
-    first: dict[str, int] = {}
-    for step in range(1, cfg.steps + 1):
-        example = to_device(example, model_device(model))
-        head = graph.classifier_layer(model, example)
-        ignored = [m for m in (head,) if m is not None] + unselected(model, cfg)
-        dg = graph.build_graph(model, example)
-        groups, skipped = graph.safe_groups(model, dg, ignored, warn=step == 1)
-        check(bool(groups), "StructuredPruneConfig.layers",
-              "no prunable layer is left (all ignored, unsupported, or only the classifier)")
-        scores = channel_scores(model, groups, cfg, task)
-        if cfg.macs_keep is not None:
-            target = base_macs * (1 - (1 - cfg.macs_keep) * step / cfg.steps)
-            now = history[-1]["macs"] if history else base_macs
-            plan = plan_for_macs(model, groups, scores, target / now, cfg, example)
-        else:
-            # widths shrink geometrically towards channel_keep of the original ones
-            first = first or {r: len(s) for r, s in scores.items()}
-            frac = cfg.channel_keep ** (step / cfg.steps)
-            plan = make_plan(scores, {r: 1 - round(first.get(r, len(s)) * frac) / len(s) for r, s in scores.items()}, cfg)
-        # pruning masks of an earlier stage are buffers torch_pruning does not slice: bake them
-        # (the pruned weights are exact zeros), remove channels, re-derive them from the zeros
-        masked = set(masks_of(model))
-        remove_masks(model)
-        graph.prune_plan(model, plan, example, dg)
-        if masked:
-            with torch.no_grad():
-                attach_masks(model, {n: p != 0 for n, p in model.named_parameters() if n in masked}, intersect=False)
-        row: dict[str, Any] = {"step": step, "macs": count_macs(model, example),
-                               "removed": {k: v for k, v in plan.items() if v}}
-        if cfg.finetune is not None and task.train is not None:
-            row["finetune"] = fit(model, task, cfg.finetune, hooks=training_hooks(model)).to_dict()["history"]
-            model.eval()
-        history.append(row)
-    after_widths, after_layer_macs = graph.layer_widths(model), layer_macs(model, example)
-    layers = {n: {"in_before": base_widths[n][0], "in_after": after_widths[n][0],
-                  "out_before": base_widths[n][1], "out_after": after_widths[n][1],
-                  "macs_before": base_layer_macs.get(n, 0), "macs_after": after_layer_macs.get(n, 0)}
-              for n in base_widths if n in after_widths}
-    macs = history[-1]["macs"]
-    model.train(was_training)
+    with eval_mode(model):
+        names = dict(model.named_modules())
+        unknown = [p for p in cfg.layers.exclude if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        check(not unknown, "StructuredPruneConfig.layers.exclude", f"no module matches {unknown[:1]} in the model")
+        base_macs, base_widths = count_macs(model, example), graph.layer_widths(model)
+        base_layer_macs = layer_macs(model, example)
+        base_params = sum(p.numel() for p in model.parameters())
+        skipped: dict[str, str] = {}
+        history: list[dict[str, Any]] = []
+        first: dict[str, int] = {}
+        for step in range(1, cfg.steps + 1):
+            example = to_device(example, model_device(model))
+            head = graph.classifier_layer(model, example)
+            ignored = [m for m in (head,) if m is not None] + unselected(model, cfg)
+            dg = graph.build_graph(model, example)
+            groups, skipped = graph.safe_groups(model, dg, ignored, warn=step == 1)
+            check(bool(groups), "StructuredPruneConfig.layers",
+                  "no prunable layer is left (all ignored, unsupported, or only the classifier)")
+            scores = channel_scores(model, groups, cfg, task)
+            if cfg.macs_keep is not None:
+                target = base_macs * (1 - (1 - cfg.macs_keep) * step / cfg.steps)
+                now = history[-1]["macs"] if history else base_macs
+                plan = plan_for_macs(model, groups, scores, target / now, cfg, example)
+            else:
+                # widths shrink geometrically towards channel_keep of the original ones
+                first = first or {r: len(s) for r, s in scores.items()}
+                frac = cfg.channel_keep ** (step / cfg.steps)
+                plan = make_plan(scores, {r: 1 - round(first.get(r, len(s)) * frac) / len(s) for r, s in scores.items()}, cfg)
+            # pruning masks of an earlier stage are buffers torch_pruning does not slice: bake them
+            # (the pruned weights are exact zeros), remove channels, re-derive them from the zeros
+            masked = set(masks_of(model))
+            remove_masks(model)
+            graph.prune_plan(model, plan, example, dg)
+            if masked:
+                with torch.no_grad():
+                    attach_masks(model, {n: p != 0 for n, p in model.named_parameters() if n in masked}, intersect=False)
+            row: dict[str, Any] = {"step": step, "macs": count_macs(model, example),
+                                   "removed": {k: v for k, v in plan.items() if v}}
+            if cfg.finetune is not None and task.train is not None:
+                row["finetune"] = fit(model, task, cfg.finetune, hooks=training_hooks(model)).to_dict()["history"]
+                model.eval()
+            history.append(row)
+        after_widths, after_layer_macs = graph.layer_widths(model), layer_macs(model, example)
+        layers = {n: {"in_before": base_widths[n][0], "in_after": after_widths[n][0],
+                      "out_before": base_widths[n][1], "out_after": after_widths[n][1],
+                      "macs_before": base_layer_macs.get(n, 0), "macs_after": after_layer_macs.get(n, 0)}
+                  for n in base_widths if n in after_widths}
+        macs = history[-1]["macs"]
     info = {"macs_before": base_macs, "macs_after": macs, "macs_ratio": macs / max(base_macs, 1),
             "params_before": base_params,
             "params_after": sum(p.numel() for p in model.parameters()),

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.task import Task, call_model
-from ..core.utils import model_device, removing, to_device
+from ..core.utils import eval_mode, model_device, removing, to_device
 from .fake import FakeQuantLayer
 from .observers import observe
 
@@ -48,16 +48,14 @@ def float_mode(model: nn.Module) -> Iterator[None]:
     """Temporarily run every FakeQuantLayer in float, in eval mode."""
     layers = fq_layers(model)
     saved = {n: m.enabled for n, m in layers.items()}
-    was_training = model.training
-    model.eval()
-    for m in layers.values():
-        m.enabled = False
-    try:
-        yield
-    finally:
-        for n, m in layers.items():
-            m.enabled = saved[n]
-        model.train(was_training)
+    with eval_mode(model):
+        for m in layers.values():
+            m.enabled = False
+        try:
+            yield
+        finally:
+            for n, m in layers.items():
+                m.enabled = saved[n]
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from ..core.task import call_model
-from ..core.utils import model_device, to_device
+from ..core.utils import eval_mode, model_device, removing, to_device
 from .calibrate import fq_layers, input_channel_absmax
 
 PASS_THROUGH = (nn.ReLU, nn.ReLU6, nn.Identity, nn.Dropout)  # positive-homogeneous, elementwise
@@ -53,14 +53,8 @@ def trace_edges(model: nn.Module, inputs: Any) -> tuple[dict[str, str], dict[str
             keep.append(out)
 
     hooks = [h for m in names for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model), removing(hooks):
         call_model(model, to_device(inputs, model_device(model)))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
     return producer, consumers
 
 

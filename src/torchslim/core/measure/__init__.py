@@ -24,7 +24,7 @@ from ..config_base import config
 from ..errors import check
 from ..isa import machine_facts
 from ..task import Task, call_model
-from ..utils import batch_size_of, jsonable, model_device, to_device
+from ..utils import batch_size_of, eval_mode, jsonable, model_device, to_device
 from .latency import (
     compare_latency,
     count_macs,
@@ -264,9 +264,7 @@ def measure(
     rec = Record(stage=stage, device=str(device))
     rec.threads = cfg.threads or torch.get_num_threads()
     rec.machine = machine_facts(rec.threads)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if cfg.evaluate:
             metrics = task.evaluate_all(model, cfg.split)
             rec.metric_name = task.metric_name
@@ -310,8 +308,6 @@ def measure(
             }
             for w in rec.warnings:
                 log.warning("%s: latency %s", stage or "measure", w)
-    finally:
-        model.train(was_training)
     return rec
 
 

@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_fl
 
 from ..errors import check
 from ..task import call_model
-from ..utils import removing
+from ..utils import eval_mode, removing
 
 log = logging.getLogger(__name__)
 MIN_SAMPLE_S = 1e-3  # calls faster than this are looped so one sample spans >= 1 ms
@@ -127,6 +127,22 @@ def _shape_hooks(model: nn.Module, counter: FlopCounterMode | None, found: dict[
     return handles
 
 
+@contextmanager
+def _mha_fastpath_off():
+    """nn.MultiheadAttention / TransformerEncoderLayer take a fused "fast path" in eval mode
+    without grad, whose kernels the counter cannot see; MACs are counted with it off (same math)."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None:
+        yield
+        return
+    fastpath = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(fastpath)
+
+
 def count_macs_detail(model: nn.Module, inputs: Any) -> tuple[int, list[str]]:
     """(MACs of one forward on inputs, notes on anything not counted exactly).
 
@@ -135,25 +151,13 @@ def count_macs_detail(model: nn.Module, inputs: Any) -> tuple[int, list[str]]:
     torch.ao packed modules) are counted from their float shapes instead. If the counter fails
     outright, every Linear/Conv is counted from shapes and other matmuls are missed (noted).
     """
-    was_training = model.training
-    model.eval()
-    # nn.MultiheadAttention / TransformerEncoderLayer take a fused "fast path" in eval mode
-    # without grad, whose kernels the counter cannot see; counted with it off (same math)
-    mha = getattr(torch.backends, "mha", None)
-    fastpath = mha.get_fastpath_enabled() if mha is not None else None
-    if mha is not None:
-        mha.set_fastpath_enabled(False)
-    try:
+    with eval_mode(model), _mha_fastpath_off():
         try:
             flops, found, notes = _count_with_counter(model, inputs)
         except Exception as exc:  # noqa: BLE001 - count what we can rather than fail the row
             flops, found = 0, _run_with_hooks(model, inputs, None)
             why = f"{type(exc).__name__}: {exc}"
             notes = [f"MACs: counter failed ({why}); only Linear/Conv counted, from shapes"]
-    finally:
-        model.train(was_training)
-        if mha is not None:
-            mha.set_fastpath_enabled(fastpath)
     for note in notes:
         log.info(note)
     return int(flops) // 2 + sum(found.values()), notes
