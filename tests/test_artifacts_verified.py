@@ -143,7 +143,7 @@ def test_torchao_file_checksum_and_inspect(tmp_path, capsys):
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
-    q, _ = torchao_quantize(model, TorchaoConfig(scheme="int8_weight_only", skip=()))
+    q, _ = torchao_quantize(model, TorchaoConfig(scheme="int8_weight_only"))
     path = tmp_path / "ao.pt"
     save_torchao(q, str(path))
     state = read_state_dict(path)

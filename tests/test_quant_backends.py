@@ -14,6 +14,7 @@ from torch import nn
 
 from torchslim.core import isa
 from torchslim.core.errors import ConfigError
+from torchslim.core.selection import LayerSelection
 from torchslim.core.task import Task
 from torchslim.quantization import ptq
 from torchslim.quantization.backends import (
@@ -99,7 +100,7 @@ def test_ort_static_uses_simulated_ranges(digits):
 def test_plan_float_layer_is_excluded(digits):
     model, task = digits
     first = next(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
-    cfg = OrtQuantConfig(mode="dynamic", exclude_layers=(first,))
+    cfg = OrtQuantConfig(mode="dynamic", layers=LayerSelection(exclude=(first,)))
     res = ort_quantize(model, task.example_inputs(), cfg, task)
     assert len(res.info["excluded_nodes"]) == 1 and res.info["excluded_layers_not_found"] == []
     assert sum(res.info["quantized_nodes"].values()) == 2  # 3 Linear, 1 kept float
@@ -141,17 +142,17 @@ def test_torchao_int8_agrees_with_fp32_and_is_small(digits):
 def test_torchao_names_conv_layers_left_float():
     torch.manual_seed(0)
     model = build_model("rescnn1d", in_shape=(40,), num_classes=10, width=8, blocks=1).eval()
-    q, info = torchao_quantize(model, TorchaoConfig(scheme="int8_weight_only", skip=()))
+    q, info = torchao_quantize(model, TorchaoConfig(scheme="int8_weight_only"))
     assert "stem.0" in info["float_layers"] and "Conv1d" in info["float_layers"]["stem.0"]
     assert info["quantized_layers"] == 1  # only the final Linear
     x = torch.randn(4, 40)
     assert torch.allclose(q(x), model(x), atol=0.05 * model(x).abs().max().item())
 
 
-def test_torchao_skip_keeps_layer_float(digits):
+def test_torchao_excluded_layer_kept_float(digits):
     model, _ = digits
     name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
-    q, info = torchao_quantize(model, TorchaoConfig(scheme="int8_weight_only", skip=(name,)))
+    q, info = torchao_quantize(model, TorchaoConfig(scheme="int8_weight_only", layers={"exclude": [name]}))
     assert info["float_layers"] == {name: "kept float by the plan"}
     assert type(q.get_submodule(name).weight) is nn.Parameter or q.get_submodule(name).weight.dtype == torch.float32
 

@@ -15,6 +15,7 @@ so the train split's targets are never read (placeholders are fine).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from collections.abc import Mapping
@@ -32,7 +33,7 @@ from .core.losses import kd_loss
 from .core.stage import StageResult, register_stage, training_hooks
 from .core.task import Task, as_tensor, call_model, load_callable, resize_batch
 from .core.train import TrainConfig, fit
-from .core.utils import batch_size_of, default_device, to_device
+from .core.utils import batch_size_of, default_device, eval_mode, to_device
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -146,12 +147,9 @@ class DistillationHook:
             raise
 
     def _check_and_project(self, student: nn.Module, s_mods: dict[str, nn.Module], inputs: Any) -> None:
-        was = student.training
-        student.eval()
-        with torch.no_grad():
+        with eval_mode(student), torch.no_grad():
             s_out = as_tensor(call_model(student, inputs))
             t_out = as_tensor(call_model(self.teacher, inputs))
-        student.train(was)
         check(s_out.shape == t_out.shape, "DistillConfig.teacher", f"teacher outputs shape {tuple(t_out.shape)} but the "
               f"student {tuple(s_out.shape)}; the teacher must predict the same classes as the student")
         for s_name, t_name in self.cfg.features.items():
@@ -176,11 +174,20 @@ class DistillationHook:
 
     def feature_loss(self) -> torch.Tensor:
         """Sum over pairs of MSE(projection(student feature), teacher feature)."""
-        total = 0.0
-        for s_name, cap in self._student.items():
-            proj = self.projections[s_name.replace(".", "__")]
-            total = total + F.mse_loss(proj(cap.value), self._teacher[s_name].value.detach())
-        return total
+        return sum(self._pair_losses().values(), 0.0)
+
+    def _pair_losses(self) -> dict[str, torch.Tensor]:
+        """student module name -> MSE(projection(student feature), teacher feature), last forward."""
+        return {s_name: F.mse_loss(self.projections[s_name.replace(".", "__")](cap.value), self._teacher[s_name].value.detach())
+                for s_name, cap in self._student.items()}
+
+    def pair_losses(self, student: nn.Module, inputs: Any) -> dict[str, float]:
+        """Each feature pair's loss (unweighted MSE, as trained) on ``inputs``, student and
+        teacher in eval mode: the per-layer numbers of the stage info."""
+        with eval_mode(student), torch.no_grad():
+            call_model(student, inputs)
+            call_model(self.teacher, inputs)
+            return {name: float(loss) for name, loss in self._pair_losses().items()}
 
     def close(self) -> None:
         for cap in [*self._student.values(), *self._teacher.values()]:
@@ -221,15 +228,21 @@ def apply(model: nn.Module, cfg: DistillConfig, task: Task, teacher: nn.Module |
     hook.setup(model, to_device(resize_batch(inputs, min(8, batch_size_of(inputs))), device))
     info: dict[str, Any] = {"temperature": cfg.temperature, "alpha": cfg.alpha, "unlabeled": cfg.unlabeled,
                             "features": dict(cfg.features)}
-    info["teacher_metric"] = task.evaluate(teacher)
-    info["student_metric_before"] = task.evaluate(model)
-    params = [p for p in model.parameters() if p.requires_grad] + hook.parameters()
-    try:
+    # per-layer numbers: each feature pair's loss on one fixed test batch before and after training
+    probe = to_device(resize_batch(inputs, min(64, batch_size_of(inputs))), device)
+    with contextlib.closing(hook):  # the feature hooks are removed whatever happens
+        info["teacher_metric"] = task.evaluate(teacher)
+        info["student_metric_before"] = task.evaluate(model)
+        params = [p for p in model.parameters() if p.requires_grad] + hook.parameters()
+        start = hook.pair_losses(model, probe)
         # training_hooks keep earlier compression (pruning masks, fake-quant) intact: recovery
         hooks = [hook, *training_hooks(model)]
         result = fit(model, distill_task(task, cfg.alpha, cfg.unlabeled), cfg.finetune, hooks=hooks, params=params)
-    finally:
-        hook.close()
+        end = hook.pair_losses(model, probe)
+    info["layers"] = {s: {"teacher": t, "feature_loss_start": start[s], "feature_loss_end": end[s]}
+                      for s, t in cfg.features.items()}
+    if not cfg.features:
+        info["per_layer"] = "none: logit-only distillation matches no layer pairs (set features for per-layer losses)"
     info["fit"] = result.to_dict()
     info["projection_params"] = sum(p.numel() for p in hook.parameters())
     info["student_metric_after"] = task.evaluate(model)

@@ -18,6 +18,7 @@ Importance (higher = keep), measured on the task's data with hooks on the two ou
 from __future__ import annotations
 
 import copy
+import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +28,10 @@ from torch import nn
 from ..core.bounds import check_bounds, count, fraction
 from ..core.config_base import config
 from ..core.errors import check
+from ..core.selection import Layers, layers_field, select_layers
 from ..core.stage import StageResult, register_stage
 from ..core.task import Task, call_model
-from ..core.utils import model_device, to_device
+from ..core.utils import eval_mode, model_device, removing, to_device
 
 CRITERIA = ("activation", "taylor", "magnitude")
 
@@ -39,7 +41,10 @@ class TransformerPruneConfig:
     """heads_prune / ffn_prune: fraction in [0, 1) of all attention heads / FFN neurons to remove
     (at least one head and one neuron stay in every layer). allocation "global" ranks units of all
     layers together, "uniform" removes the same share in each layer. batches: data batches for
-    the data-driven criteria. round_ffn_to: keep each layer's FFN width a multiple of this."""
+    the data-driven criteria. round_ffn_to: keep each layer's FFN width a multiple of this.
+    layers: which blocks are pruned (a LayerSelection on the block names, e.g.
+    ``encoder.layer.0``; default all); a block it does not select keeps every head and FFN unit
+    and is named in the info's ``skipped``. Fractions are of the selected blocks' units."""
 
     heads_prune: float = fraction(0.25, high_open=True)
     ffn_prune: float = fraction(0.25, high_open=True)
@@ -48,6 +53,7 @@ class TransformerPruneConfig:
     batches: int = count(4, 1, 100_000)
     split: str = "train"
     round_ffn_to: int = count(8, 1, 4096)
+    layers: Layers = layers_field()
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -155,9 +161,7 @@ def unit_scores(model: nn.Module, blocks: list[Block], cfg: TransformerPruneConf
             gates[(b.name, "ffn")] = torch.ones(b.ffn_in.out_features, device=device, requires_grad=True)
     mask_ref: list = [None]
     hooks = [h for b in blocks for h in _score_hooks(b, scores, gates, mask_ref)]
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model), removing(hooks):
         for i, (inputs, targets) in enumerate(task.split(cfg.split)):
             if i >= cfg.batches:
                 break
@@ -170,10 +174,6 @@ def unit_scores(model: nn.Module, blocks: list[Block], cfg: TransformerPruneConf
                     for key, g in gates.items():
                         _add(scores, key, g.grad.abs())
                         g.grad = None
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
     check(bool(scores), "TransformerPruneConfig.split", f"the task's {cfg.split!r} split gave no batches")
     return scores
 
@@ -229,17 +229,41 @@ def prune_transformer(model: nn.Module, cfg: TransformerPruneConfig, task: Task)
     blocks = find_blocks(model)
     check(bool(blocks), "TransformerPruneConfig", "no BERT-style layer (attention.self.query/key/value, "
           "intermediate.dense, output.dense) found in the model; use StructuredPruneConfig instead")
+    selected = selected_blocks(model, blocks, cfg)
     params_before = sum(p.numel() for p in model.parameters())
-    scores = unit_scores(model, blocks, cfg, task)
-    keep = choose_keep(scores, blocks, cfg)
-    layers = {}
+    scores = unit_scores(model, selected, cfg, task)
+    keep = choose_keep(scores, selected, cfg)
+    layers, skipped, chosen = {}, {}, {b.name for b in selected}
     for b in blocks:
         before = (b.heads, b.ffn_in.out_features)
-        prune_block(b, keep[(b.name, "heads")], keep[(b.name, "ffn")])
-        layers[b.name] = {"heads_before": before[0], "heads_after": b.heads, "heads_kept": keep[(b.name, "heads")].tolist(),
-                          "ffn_before": before[1], "ffn_after": b.ffn_in.out_features}
-    info = {"params_before": params_before, "params_after": sum(p.numel() for p in model.parameters()), "layers": layers}
+        if b.name in chosen:
+            prune_block(b, keep[(b.name, "heads")], keep[(b.name, "ffn")])
+            heads_kept = keep[(b.name, "heads")].tolist()
+        else:
+            skipped[b.name] = "not selected by layers: every head and FFN unit kept"
+            heads_kept = list(range(before[0]))
+        layers[b.name] = {"heads_before": before[0], "heads_after": b.heads, "heads_kept": heads_kept,
+                          "ffn_before": before[1], "ffn_after": b.ffn_in.out_features, "selected": b.name in chosen}
+    info = {"params_before": params_before, "params_after": sum(p.numel() for p in model.parameters()),
+            "layers": layers, "skipped": skipped}
     return model, info
+
+
+def selected_blocks(model: nn.Module, blocks: list[Block], cfg: TransformerPruneConfig) -> list[Block]:
+    """The blocks ``cfg.layers`` selects (by block name and module). A pattern that matches no
+    module of the model, or a selection that leaves no block, is refused in one line (as
+    structured pruning refuses an exclude pattern that matches nothing)."""
+    modules = [n for n, _ in model.named_modules()]
+    f = "TransformerPruneConfig.layers"
+    named = ", ".join(repr(b.name) for b in blocks[:3]) + (", ..." if len(blocks) > 3 else "")
+    for part in ("include", "exclude"):
+        unknown = [p for p in getattr(cfg.layers, part) if not any(fnmatch.fnmatchcase(n, p) for n in modules)]
+        check(not unknown, f"{f}.{part}", f"no module matches {unknown[:1]} in the model; the blocks are named {named}")
+    picked = {n for n, _ in select_layers(model, cfg.layers)}
+    selected = [b for b in blocks if b.name in picked]
+    check(bool(selected), f, f"selects none of the {len(blocks)} blocks ({cfg.layers.describe()}); the blocks are "
+          f"named {named}")
+    return selected
 
 
 @register_stage(TransformerPruneConfig, copy_input=False)  # prunes its own copy

@@ -74,7 +74,9 @@ def _check_ort_options(options: dict[str, Any]) -> None:
 
     from .ort_backend import OrtQuantConfig  # only when used: it needs onnxruntime
 
-    known = {f.name for f in dataclasses.fields(OrtQuantConfig)}
+    known, renamed = {f.name for f in dataclasses.fields(OrtQuantConfig)}, OrtQuantConfig.__renamed__
+    old = next((k for k in options if k in renamed), None)
+    check(old is None, f"QuantConfig.ort_options.{old}", f"renamed — write {renamed.get(old)}")
     bad = sorted(set(options) - known)
     check(not bad, "QuantConfig.ort_options", f"unknown OrtQuantConfig field {bad[:1]}; known: {', '.join(sorted(known))}")
 

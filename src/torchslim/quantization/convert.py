@@ -24,6 +24,7 @@ real model and the simulation on one test batch.
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 import warnings
@@ -35,6 +36,7 @@ from torch import nn
 
 from ..core import isa
 from ..core.errors import ConfigError
+from ..core.selection import LayerSelection
 from ..core.stage import StageResult
 from ..core.task import Task, as_tensor, call_model
 from .isa_plan import torchao_known_slow
@@ -45,6 +47,12 @@ from .torchao_backend import TorchaoConfig, defake, save_torchao, torchao_quanti
 def float_layers_of(plan: list[Any]) -> tuple[str, ...]:
     """Layer names a plan keeps in float (``LayerChoice.bits is None``)."""
     return tuple(c.layer for c in plan if getattr(c, "bits", 8) is None)
+
+
+def kept_float(plan: list[Any]) -> LayerSelection:
+    """The backends' ``layers``: everything but the plan's float layers, each named exactly
+    (``glob.escape``: a name is a pattern that matches itself only)."""
+    return LayerSelection(exclude=tuple(glob.escape(n) for n in float_layers_of(plan)))
 
 
 def ort_config_from(cfg: Any, plan: list[Any]) -> tuple[OrtQuantConfig, list[str]]:
@@ -75,7 +83,7 @@ def ort_config_from(cfg: Any, plan: list[Any]) -> tuple[OrtQuantConfig, list[str
     pct = cfg.calibration_param if cfg.calibration == "percentile" and cfg.calibration_param else 99.999
     # ort_options (e.g. block_layers, smooth_alpha: the B2 plan) override what is derived above
     fields = {"mode": mode, "per_channel": cfg.granularity != "per_tensor", "calibration": calib, "percentile": pct,
-              "batches": cfg.batches, "exclude_layers": float_layers_of(plan), **block,
+              "batches": cfg.batches, "layers": kept_float(plan), **block,
               **getattr(cfg, "ort_options", {})}
     ocfg = OrtQuantConfig(**fields)
     return ocfg, notes
@@ -90,7 +98,7 @@ def torchao_config_from(cfg: Any, plan: list[Any]) -> TorchaoConfig:
         raise ConfigError(f"QuantConfig.bits: torchao on CPU has no {cfg.bits}-bit weight + int8 activation "
                           "kernel; use bits=8, mode='weights_only' (int4) or backend='onnxruntime'")
     gs = cfg.group_size if cfg.group_size in (16, 32, 64, 128, 256) else 32
-    return TorchaoConfig(scheme=scheme, group_size=gs, skip=float_layers_of(plan))
+    return TorchaoConfig(scheme=scheme, group_size=gs, layers=kept_float(plan))
 
 
 def _agreement(real: nn.Module, reference: nn.Module, inputs: Any) -> float:

@@ -22,6 +22,7 @@ so weights are 7-bit there; ORT's own log messages are silenced only while ORT r
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import warnings
 from collections.abc import Mapping
@@ -36,6 +37,7 @@ from torch import nn
 from ..core.bounds import bounded, check_bounds, count
 from ..core.config_base import config
 from ..core.errors import ConfigError, check
+from ..core.selection import Layers, layers_field
 from ..core.task import Task
 from ..core.utils import atomic_write
 from ..export.digest import stamp_onnx_bytes
@@ -60,7 +62,7 @@ ORT_MODES = ("dynamic", "static")
 ORT_CALIBRATIONS = ("minmax", "percentile", "entropy")
 
 
-@config(renamed={"calibration_batches": "batches"})
+@config(renamed={"calibration_batches": "batches", "exclude_layers": "layers: {exclude: [...]}"})
 class OrtQuantConfig:
     """How ONNX Runtime quantizes a graph.
 
@@ -73,7 +75,8 @@ class OrtQuantConfig:
         train split (val if none).
     optimize: fuse transformer blocks with onnxruntime.transformers first (needs num_heads and
         hidden_size; read from a Hugging Face ``config`` when the model has one).
-    exclude_layers: torch layer names kept float; exclude_nodes: raw ONNX node names kept float.
+    layers: the torch layers quantized (a LayerSelection on torch layer names; what it does not
+        select, e.g. ``exclude``, is kept float); exclude_nodes: raw ONNX node names kept float.
     op_types: ONNX op types to quantize (None = ORT's defaults, which include Gather, i.e. the
         embedding table).
     block_bits / block_size / block_int8_compute: MatMul weights in ``block_bits``-bit blocks of
@@ -98,7 +101,7 @@ class OrtQuantConfig:
     percentile: float = bounded(99.999, 50, 100, low_open=True)
     batches: int = count(8, 1, 100_000)
     optimize: bool = True
-    exclude_layers: tuple[str, ...] = ()
+    layers: Layers = layers_field()
     exclude_nodes: tuple[str, ...] = ()
     op_types: tuple[str, ...] | None = None
     block_bits: int | None = bounded(None, 4, 8, integer=True)
@@ -110,7 +113,7 @@ class OrtQuantConfig:
 
     def __post_init__(self) -> None:
         check_bounds(self)
-        self.exclude_layers, self.exclude_nodes = tuple(self.exclude_layers), tuple(self.exclude_nodes)
+        self.exclude_nodes = tuple(self.exclude_nodes)
         self.block_layers, self.smooth_layers = tuple(self.block_layers), tuple(self.smooth_layers)
         check(self.mode in ORT_MODES, "OrtQuantConfig.mode", f"must be one of {ORT_MODES}, got {self.mode!r}")
         check(self.calibration in ORT_CALIBRATIONS, "OrtQuantConfig.calibration",
@@ -127,7 +130,6 @@ class OrtQuantConfig:
               "graph SmoothQuant is for mode='dynamic' (static QDQ takes the simulation's ranges)")
         check(self.reduce_range in (None, True, False), "OrtQuantConfig.reduce_range",
               f"must be True, False or None (by this CPU), got {self.reduce_range!r}")
-        check(self.batches >= 1, "OrtQuantConfig.batches", f"must be >= 1, got {self.batches!r}")
 
 
 class OrtModel(nn.Module):
@@ -244,9 +246,10 @@ def quantize_onnx(fp32_path: Path, out: Path, cfg: OrtQuantConfig, model: nn.Mod
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import CalibrationMethod
 
-    mapping = layer_nodes(fp32_path, model) if model is not None else {}
-    missing = [n for n in cfg.exclude_layers if n not in mapping]
-    exclude = sorted({n for layer in cfg.exclude_layers for n in mapping.get(layer, [])} | set(cfg.exclude_nodes))
+    mapping, layers = (layer_nodes(fp32_path, model), weight_layers(model)) if model is not None else ({}, {})
+    kept = [n for n in mapping if not cfg.layers.matches(n, layers[n])]  # float: not selected by layers
+    missing = [p for p in cfg.layers.exclude if not any(fnmatch.fnmatchcase(n, p) for n in mapping)]  # recorded
+    exclude = sorted({n for layer in kept for n in mapping[layer]} | set(cfg.exclude_nodes))
     # quantize_dynamic first rewrites Gemm as MatMul + Add named "<gemm>_MatMul"; exclude that too
     ort_exclude = exclude + [f"{n}_MatMul" for n in exclude]
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}  # fused contrib ops defeat type inference

@@ -29,24 +29,25 @@ from torch import nn
 from ..core.bounds import check_bounds, count
 from ..core.config_base import config
 from ..core.errors import check
+from ..core.selection import Layers, layers_field
 
 TORCHAO_SCHEMES = ("int8_dynamic", "int8_weight_only", "int4_weight_only")
 
 
-@config
+@config(renamed={"skip": "layers: {exclude: [...]}"})
 class TorchaoConfig:
     """scheme: one of TORCHAO_SCHEMES; group_size: int4 group; compile: wrap in torch.compile;
-    skip: layer names kept float (a mixed-precision plan's float layers)."""
+    layers: the Linears quantized (a LayerSelection; what it does not select, e.g. a
+    mixed-precision plan's float layers under ``exclude``, is kept float)."""
 
     scheme: str = "int8_dynamic"
     group_size: int = count(32, 16, 256)
     compile: bool = False
-    skip: tuple[str, ...] = ()
+    layers: Layers = layers_field()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_bounds(self)
-        self.skip = tuple(self.skip)
         check(self.scheme in TORCHAO_SCHEMES, "TorchaoConfig.scheme", f"must be one of {TORCHAO_SCHEMES}, got {self.scheme!r}")
         check(self.group_size in (16, 32, 64, 128, 256), "TorchaoConfig.group_size", f"must be 16, 32, 64, 128 or 256, got {self.group_size!r}")
 
@@ -148,15 +149,31 @@ def tied_linears(model: nn.Module, keep: set[str]) -> tuple[dict[str, str], dict
 MIN_IN_FEATURES = 2  # torchao 0.18's int8 paths fail on a single input feature; 2 and up work
 
 
+def not_selected(q: nn.Module, cfg: TorchaoConfig) -> set[str]:
+    """Names of the Linears of ``q`` (a defaked model) that ``cfg.layers`` keeps float. defake
+    keeps names, except that a smoothed layer "a.b" becomes "a.b.1" (after its divide): such a
+    Linear is judged by its name in the model the plan was made on."""
+    mods = dict(q.named_modules())
+    keep = set()
+    for name, m in mods.items():
+        if not isinstance(m, nn.Linear):
+            continue
+        parent, _, last = name.rpartition(".")
+        wrap = mods.get(parent) if last == "1" else None
+        smoothed = isinstance(wrap, nn.Sequential) and isinstance(wrap[0], _DivideInput)
+        if not cfg.layers.matches(parent if smoothed else name, m):
+            keep.add(name)
+    return keep
+
+
 def torchao_quantize(model: nn.Module, cfg: TorchaoConfig | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """(quantized copy of model, info) with torchao's ``quantize_``; float layers are named."""
     from torchao.quantization import quantize_
 
     cfg = cfg or TorchaoConfig()
     q = defake(model).eval()
-    # defake keeps names, except that a smoothed layer "a.b" becomes "a.b.1" (after its divide)
-    keep = set(cfg.skip) | {f"{n}.1" for n in cfg.skip}
     converted = conv1d_to_linear(q)
+    keep = not_selected(q, cfg)
     quantized, float_layers = [], {}
     followers, tie_float = tied_linears(q, keep)
     keep |= set(followers) | set(tie_float)

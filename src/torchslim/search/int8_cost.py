@@ -89,10 +89,11 @@ def _data_task(x: torch.Tensor) -> Task:
 def ort_int8(model: nn.Module, example: Any, task: Task, granularity: str, keep_float: tuple[str, ...] = (),
              threads: int | None = 1) -> nn.Module:
     """``model`` as an ONNX Runtime static int8 graph (float: ``keep_float`` layers)."""
+    from ..core.selection import LayerSelection
     from ..quantization.ort_backend import OrtQuantConfig, ort_quantize
 
     cfg = OrtQuantConfig(mode="static", per_channel=granularity == "per_channel", optimize=False,
-                         exclude_layers=tuple(keep_float), batches=2)
+                         layers=LayerSelection(exclude=tuple(keep_float)), batches=2)  # exclude = kept float
     return ort_quantize(model, example, cfg, task, threads=threads).model
 
 

@@ -92,7 +92,24 @@ def _transformer(stage: str, info: dict) -> LayerChart | None:
             series[what] = [r[after] / r[before] if r[before] else 1.0 for r in rows]
             labels[what] = [f"{r[after]}/{r[before]}" for r in rows]
     return _chart(stage, "transformer", f"{stage}: attention heads and FFN units kept per block",
-                  "share kept", [r["layer"] for r in rows], series=series, labels=labels, limits=(0, 1), percent=True)
+                  "share kept", [r["layer"] for r in rows], series=series, labels=labels, limits=(0, 1), percent=True,
+                  marked=[r.get("selected") is False for r in rows], marked_means="not selected by layers (kept whole)")
+
+
+def _distill(stage: str, info: dict) -> LayerChart | None:
+    rows = _items(info.get("layers"))
+    if not rows or not all(isinstance(r.get(k), (int, float)) for r in rows
+                           for k in ("feature_loss_start", "feature_loss_end")):
+        return None
+    start = [float(r["feature_loss_start"]) for r in rows]
+    end = [float(r["feature_loss_end"]) for r in rows]
+    teachers = [f" ← {r['teacher']}" if r.get("teacher") and r["teacher"] != r["layer"] else "" for r in rows]
+    return _chart(stage, "distill", f"{stage}: feature loss per matched layer pair (student ← teacher), start and end",
+                  "feature MSE to the teacher (as trained, unweighted)", [r["layer"] for r in rows],
+                  series={"start of training": start, "end of training": end},
+                  labels={"start of training": [f"{v:.3g}" for v in start],
+                          "end of training": [f"{v:.3g}{t}" for v, t in zip(end, teachers)]},
+                  marked=[e > s for s, e in zip(start, end)], marked_means="loss rose during training")
 
 
 def _quantize(stage: str, info: dict) -> LayerChart | None:
@@ -158,7 +175,7 @@ def _generic(stage: str, info: dict) -> LayerChart | None:
 
 
 READERS: list[Callable[[str, dict], LayerChart | None]] = [
-    _transformer, _structured, _lowrank, _share, _unstructured, _quantize, _layer_drop, _generic]
+    _transformer, _structured, _lowrank, _share, _distill, _unstructured, _quantize, _layer_drop, _generic]
 
 
 def layer_charts(run: dict[str, Any]) -> list[LayerChart]:
