@@ -24,7 +24,11 @@ def trained():
     task = build_task("digits")
     torch.manual_seed(0)
     model = build_model("rescnn1d", task, width=16)
-    fit(model, task, TrainConfig(epochs=10, lr=5e-3, seed=0, device="cpu"))
+    # a cosine schedule: at a fixed 5e-3 the val accuracy of this net swings 0.68-0.88 from epoch
+    # to epoch (the last epoch decides), and one thread on an AMX CPU ended at 0.68; annealed it
+    # ends near 0.90 (0.92 val)
+    fit(model, task, TrainConfig(epochs=10, lr=5e-3, seed=0, device="cpu", scheduler="CosineAnnealingLR",
+                                 scheduler_kwargs={"T_max": 10}))
     return model.eval(), task
 
 
