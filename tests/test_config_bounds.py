@@ -33,6 +33,7 @@ BY_HAND = {
 
 
 def _sub_configs() -> list[type]:
+    from torchslim.app.search import SearchSpec, TableSpec
     from torchslim.core.measure import MeasureConfig
     from torchslim.core.train import TrainConfig
     from torchslim.export.onnx import OnnxExportConfig
@@ -40,7 +41,8 @@ def _sub_configs() -> list[type]:
     from torchslim.quantization.ort_backend import OrtQuantConfig
     from torchslim.quantization.torchao_backend import TorchaoConfig
 
-    return [OnnxExportConfig, MeasureConfig, RecoveryConfig, OrtQuantConfig, TorchaoConfig, TrainConfig]
+    return [OnnxExportConfig, MeasureConfig, RecoveryConfig, OrtQuantConfig, TorchaoConfig, TrainConfig, SearchSpec,
+            TableSpec]
 
 
 CONFIGS = sorted({*STAGES, *_sub_configs()}, key=lambda t: t.__name__)

@@ -184,10 +184,19 @@ def test_one_layer_selection_everywhere():
     from torchslim.core.selection import LayerSelection, select_layers
 
     names = stage_names()
-    for key in ("prune", "nm", "structured_prune", "quantize", "share", "lowrank"):
-        base = {"params_keep": 0.5} if key == "lowrank" else {}
+    selecting = ("prune", "nm", "structured_prune", "transformer_prune", "quantize", "share", "lowrank",
+                 "early_exit", "layer_drop")
+    # every stage config with a `layers` field is in the list above (a new one must join it)
+    with_layers = {k for k, c in names.items() if "layers" in {f.name for f in dataclasses.fields(c)}}
+    assert with_layers == set(selecting)
+    for key in selecting:
+        base = {"lowrank": {"params_keep": 0.5}, "layer_drop": {"count": 1}}.get(key, {})
         cfg = build_dataclass(names[key], {**base, "layers": ["net.*"]}, f"stages[0].{key}")
         assert cfg.layers == LayerSelection(include=("net.*",)), key
+        if key == "early_exit":  # exits are placed after whole blocks, named: no types / filter_fn
+            cfg = build_dataclass(names[key], {**base, "layers": {"exclude": ["net.3"]}}, "s")
+            assert cfg.layers.exclude == ("net.3",)
+            continue
         cfg = build_dataclass(names[key], {**base, "layers": {"exclude": ["net.3"], "types": ["Linear"]}}, "s")
         assert cfg.layers.exclude == ("net.3",) and cfg.layers.types == ("Linear",)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Sequential(nn.Conv1d(1, 2, 3), nn.Linear(8, 2)))

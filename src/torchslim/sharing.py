@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .core import progress
 from .core.bounds import check_bounds, count, seed_field
 from .core.config_base import config
 from .core.errors import check
@@ -246,10 +247,13 @@ def apply(model: nn.Module, cfg: ShareConfig, task: Task | None = None) -> Stage
     if skipped:
         warnings.warn(f"weight sharing skipped layers it cannot handle: {', '.join(skipped)}", stacklevel=2)
     layers = {}
-    for names, mods, bits in chosen:
-        layers[names[0]] = share_layer(mods, bits, cfg)
-        if len(names) > 1:
-            layers[names[0]]["tied"] = names
+    with progress.bar("weight sharing (k-means)", len(chosen)) as bar:  # one step per layer, named while it runs
+        for names, mods, bits in chosen:
+            bar.show(layer=names[0], bits=bits)
+            layers[names[0]] = share_layer(mods, bits, cfg)
+            if len(names) > 1:
+                layers[names[0]]["tied"] = names
+            bar.advance(1)
     info: dict[str, Any] = {"layers": layers}
     if cfg.finetune is not None:
         # every compression on the model holds (a pruned layer left unshared keeps its zeros)

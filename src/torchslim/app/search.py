@@ -10,6 +10,10 @@ plus a ``search`` block; its ``stages`` are ignored (the search writes them)::
       finetune: {epochs: 1}          # per-policy recovery (TrainConfig fields)
       accuracy_min: 0.9              # optional: exit code 1 when the best is below it
       int8: false                    # int8-or-float per layer + granularity, on ORT's int8 kernels
+      progress: null                 # the bar over trials: null = auto (in a terminal), true, false
+
+The block is ``SearchSpec``, a config on the one contract (``torchslim.core.config_base``): unknown
+keys refused, every number bounded on both sides, errors naming ``search.<field>``.
 
 Outputs in ``out``: ``baseline.safetensors`` (the trained model every policy starts from),
 ``cost.json`` (the measured latency table), ``trials.json`` (every evaluated policy: metrics,
@@ -30,14 +34,16 @@ import copy
 import json
 import re
 import time
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..core.errors import ConfigError
+from ..core.bounds import bounded, count, fraction
+from ..core.config_base import config, to_dict
+from ..core.errors import ConfigError, check
 from ..core.isa import machine_facts
 from ..core.train import TrainConfig, fit
 from ..core.utils import atomic_write_text, seed_everything
@@ -45,67 +51,96 @@ from ..export.weights import load_weights, save_weights
 from ..search import cost as cost_mod
 from ..search import int8_cost, optuna_search, rules, verify
 from ..search.space import Policy, build_space
-from ..search.trials import Evaluator, best, pareto
+from ..search.trials import Evaluator, TrialBar, best, pareto
 from ..zoo import build_model, build_task
 from .recipe import RecipeError, build_dataclass, load_recipe, read_recipe_file
 
 OUTPUTS = ("baseline.safetensors", "cost.json", "trials.json", "pareto.json", "best_recipe.yaml", "search.json",
            "search.db", "search.journal", "search.journal.lock", "trials.jsonl", "sensitivity.json")
 METHODS = ("uniform", "sensitivity", "rules", "random", "tpe", "nsga2", "rl")
+MANY = ("random", "tpe", "nsga2", "rl")  # the makers that evaluate `trials` policies (the rules: one)
+INT8_BACKENDS = ("onnxruntime", "simulate")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+@config
+class TableSpec:
+    """The latency table (``search.table``): widths timed per layer side and repeats per timing."""
+
+    grid: int = count(9, 2, 64)
+    repeats: int = count(7, 1, 1000)
 
 
-class TableSpec(_Strict):
-    grid: int = Field(9, ge=2, le=64)
-    repeats: int = Field(7, ge=1, le=1000)
+@config
+class SearchSpec:
+    """The ``search:`` block of a search recipe (module doc), on the one config contract (unknown
+    keys refused, every number bounded on both sides, a YAML/JSON round trip through
+    ``config_base.to_dict`` / ``from_dict``).
 
+    budget: exactly one of {latency: 0.5x}, {macs: 0.3x}, {size: 8MB | 0.2x}.
+    method: uniform | sensitivity | rules | random | tpe | nsga2 | rl; trials: policies evaluated
+        (by rl and the Optuna methods; the rule makers evaluate one).
+    finetune: the per-policy recovery (a TrainConfig; None = none).
+    accuracy_min: exit code 1 when the best val metric is below it (None = any).
+    keep_min / step / sparsities / int8 / int8_backend: the space (search.space.build_space).
+    rules: the user rules of method rules. storage / study / workers: the Optuna study (and
+        worker processes). seed: the maker's seed. sensitivity_sparsity: method sensitivity's probe.
+    table: the latency table; checks / tolerance: end-to-end timings of the best trials under a
+        latency budget, and how far over the budget a measured ratio may lie (a share).
+    progress: the bar over trials (``torchslim.core.progress``): None = auto, True, False.
+    """
 
-class SearchSpec(_Strict):
-    budget: dict[str, str | float] = {"latency": "0.5x"}
+    budget: dict[str, Any] = field(default_factory=lambda: {"latency": "0.5x"})  # checked by parse_budget
     method: str = "tpe"
-    trials: int = Field(20, ge=1, le=100_000)
-    finetune: dict[str, Any] | None = {"epochs": 1}
-    accuracy_min: float | None = Field(None, ge=0.0, le=1.0)
-    keep_min: float = Field(0.25, gt=0.0, le=1.0)
-    step: int | None = Field(8, ge=1, le=1024)
-    sparsities: list[float] = []
+    trials: int = count(20, 1, 100_000)
+    finetune: TrainConfig | None = field(default_factory=lambda: TrainConfig(epochs=1))
+    accuracy_min: float | None = fraction(None, optional=True)
+    keep_min: float = fraction(0.25, low_open=True)
+    step: int | None = count(8, 1, 1024, optional=True)
+    sparsities: list[float] = field(default_factory=list)
     int8: bool = False
-    rules: list[dict[str, Any]] = []
+    rules: list[dict[str, Any]] = field(default_factory=list)
     storage: str | None = None
     study: str | None = None
-    workers: int = Field(1, ge=1, le=64)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    sensitivity_sparsity: float = Field(0.8, gt=0.0, lt=1.0)
-    table: TableSpec = TableSpec()
-    checks: int = Field(5, ge=1, le=100)           # latency budget: most candidates timed end to end
-    tolerance: float = Field(0.02, ge=0.0, le=0.5)  # measured ratio may exceed the budget by this share
-    int8_backend: Literal["onnxruntime", "simulate"] = "onnxruntime"  # int8: real ORT kernels, priced
+    workers: int = count(1, 1, 64)
+    seed: int = count(0, 0, 2**31 - 1)  # numpy / Optuna / stable-baselines3 seeds are 32-bit
+    sensitivity_sparsity: float = fraction(0.8, low_open=True, high_open=True)
+    table: TableSpec = field(default_factory=TableSpec)
+    checks: int = count(5, 1, 100)           # latency budget: most candidates timed end to end
+    tolerance: float = bounded(0.02, 0.0, 0.5)  # measured ratio may exceed the budget by this share
+    int8_backend: str = "onnxruntime"        # int8: real ORT kernels, priced; or "simulate"
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        check(self.method in METHODS, "SearchSpec.method", f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        parse_budget(self.budget, where="SearchSpec")
+        for s in self.sparsities:
+            check(0.0 <= s < 1.0, "SearchSpec.sparsities", f"each must be a share removed in [0, 1), got {s!r}")
+        check(self.int8_backend in INT8_BACKENDS, "SearchSpec.int8_backend",
+              f"unknown backend {self.int8_backend!r}; use {' or '.join(INT8_BACKENDS)}")
 
 
-def parse_budget(budget: dict[str, Any], base_nonzero_bytes: int | None = None) -> rules.Budget:
-    """{latency: 0.5x} / {macs: 0.3x} / {size: 8MB | 0.2x} -> Budget (size in non-zero fp32 bytes)."""
+def parse_budget(budget: dict[str, Any], base_nonzero_bytes: int | None = None, where: str = "search") -> rules.Budget:
+    """{latency: 0.5x} / {macs: 0.3x} / {size: 8MB | 0.2x} -> Budget (size in non-zero fp32 bytes);
+    errors name ``where``.budget (SearchSpec from Python, search in a recipe)."""
     if not isinstance(budget, dict) or len(budget) != 1:
-        raise ConfigError("search.budget: give exactly one of latency, macs, size, e.g. {latency: 0.5x}")
+        raise ConfigError(f"{where}.budget: give exactly one of latency, macs, size, e.g. {{latency: 0.5x}}")
     (kind, raw), = budget.items()
     if kind not in ("latency", "macs", "size"):
-        raise ConfigError(f"search.budget.{kind}: unknown budget; use latency, macs or size")
+        raise ConfigError(f"{where}.budget.{kind}: unknown budget; use latency, macs or size")
     text = str(raw).strip().lower()
     m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(x|kb|mb|gb|b)?", text)
     if not m:
-        raise ConfigError(f"search.budget.{kind}: write a share like 0.5x (or for size 8MB), got {raw!r}")
+        raise ConfigError(f"{where}.budget.{kind}: write a share like 0.5x (or for size 8MB), got {raw!r}")
     value, unit = float(m.group(1)), m.group(2) or "x"
     if unit != "x":
         if kind != "size":
-            raise ConfigError(f"search.budget.{kind}: must be a share of the baseline like 0.5x, got {raw!r}")
+            raise ConfigError(f"{where}.budget.{kind}: must be a share of the baseline like 0.5x, got {raw!r}")
         if base_nonzero_bytes is None:
             return rules.Budget("nonzeros", 1.0)  # resolved once the baseline is known
         value = value * {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9}[unit] / base_nonzero_bytes
         value = min(value, 1.0)
     if not 0 < value <= 1:
-        raise ConfigError(f"search.budget.{kind}: must be in (0, 1] of the baseline, got {raw!r}")
+        raise ConfigError(f"{where}.budget.{kind}: must be in (0, 1] of the baseline, got {raw!r}")
     return rules.Budget({"size": "nonzeros"}.get(kind, kind), value)
 
 
@@ -114,18 +149,7 @@ def read_search_recipe(path: str | Path) -> tuple[dict[str, Any], SearchSpec]:
     data = read_recipe_file(path)
     if not isinstance(data, dict) or not isinstance(data.get("search"), dict):
         raise RecipeError("search: a search recipe needs a `search:` mapping (budget, method, trials)")
-    block = data.pop("search")
-    try:
-        spec = SearchSpec.model_validate(block)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise RecipeError(f"search.{where}: {err['msg'].lower()}") from None
-    if spec.method not in METHODS:
-        raise RecipeError(f"search.method: unknown method {spec.method!r}; use one of {', '.join(METHODS)}")
-    parse_budget(spec.budget)
-    if spec.finetune is not None:
-        build_dataclass(TrainConfig, spec.finetune, "search.finetune")
+    spec = build_dataclass(SearchSpec, data.pop("search"), "search")  # the contract; errors name search.<field>
     data.pop("stages", None)
     load_recipe(dict(data, stages=[]))  # task/model/train/measure checked now, not an hour in
     return data, spec
@@ -228,9 +252,24 @@ def _worker(args: tuple) -> int:
 def _parallel(ev: Evaluator, spec: SearchSpec, method: str, storage_spec: str, name: str, log) -> list[dict[str, Any]]:
     import multiprocessing as mp
 
-    optuna_search.study(method, optuna_search.storage_for(storage_spec, ""), name, spec.seed, spec.trials)
+    st = optuna_search.study(method, optuna_search.storage_for(storage_spec, ""), name, spec.seed, spec.trials)
+    shown: set[int] = set()
+
+    def show() -> None:  # the workers draw no bar: this process shows their finished trials on its own
+        for rec in optuna_search.records(st):
+            if rec["optuna_trial"] not in shown and len(shown) < spec.trials:
+                shown.add(rec["optuna_trial"])
+                ev.bar.add(rec)
+
     with mp.get_context("spawn").Pool(spec.workers) as pool:
-        list(pool.imap_unordered(_worker, [(str(_SOURCE[0]), str(_SOURCE[1]), w) for w in range(spec.workers)]))
+        job = pool.map_async(_worker, [(str(_SOURCE[0]), str(_SOURCE[1]), w) for w in range(spec.workers)])
+        while not job.ready():
+            job.wait(2.0)
+            if ev.bar is not None and ev.bar.on:
+                show()
+        job.get()  # a worker's error is raised here
+    if ev.bar is not None and ev.bar.on:
+        show()
     st = optuna_search.study(method, optuna_search.storage_for(storage_spec, ""), name, spec.seed, spec.trials)
     return optuna_search.records(st)
 
@@ -254,7 +293,17 @@ def _evaluator(path: Path, out: Path, resume: bool, log) -> tuple[Evaluator, Sea
     model_spec = base["model"] if isinstance(base["model"], dict) else {"name": base["model"]}
     base["model"] = dict(model_spec, weights=str(weights.resolve()))
     base.pop("out", None)
-    return Evaluator(model, task, space, cm, budget, base, spec.finetune, log=log, journal=out / "trials.jsonl"), spec
+    return Evaluator(model, task, space, cm, budget, base, finetune_fields(spec.finetune), log=log,
+                     journal=out / "trials.jsonl"), spec
+
+
+def finetune_fields(finetune: TrainConfig | None) -> dict[str, Any] | None:
+    """The per-policy fine-tune as the written recipe's ``train`` mapping: only the fields that
+    differ from TrainConfig's defaults, so best_recipe.yaml stays as short as the user wrote it."""
+    if finetune is None:
+        return None
+    data, default = to_dict(finetune), to_dict(TrainConfig())
+    return {k: v for k, v in data.items() if v != default[k]}
 
 
 def run_search(path: str | Path, out_dir: str | Path | None = None, resume: bool = False, log=print) -> int:
@@ -270,7 +319,12 @@ def run_search(path: str | Path, out_dir: str | Path | None = None, resume: bool
     ev, spec = _evaluator(Path(path), out, resume, log)
     log(f"search: {spec.method}, {spec.trials} trial(s), budget {ev.budget.kind} <= {ev.budget.ratio:.3f}x, "
         f"{len(ev.space.groups)} channel groups")
-    trials = make_policies(ev, spec, out, log)
+    ev.bar = TrialBar(spec.trials if spec.method in MANY else 1, setting=spec.progress)
+    try:
+        trials = make_policies(ev, spec, out, log)
+    finally:
+        ev.bar.close()
+        ev.bar = None  # the budget checks' refits after it are not trials of the bar
     summary = write_outputs(ev, spec, trials, out, time.perf_counter() - t0, log)
     top = summary.get("best")
     ok = top is not None and (spec.accuracy_min is None or top["val"] >= spec.accuracy_min)

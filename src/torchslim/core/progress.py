@@ -9,9 +9,9 @@
 
 **On or off.** ``setting`` True / False decides; ``None`` (the default everywhere) is *auto*:
 on when the console is a terminal, off when output goes to a file or a pipe, under pytest, in a
-multiprocessing worker (parallel search workers share their parent's terminal), or with
-``TORCHSLIM_PROGRESS=0`` (``=1`` turns it on even without a terminal). Under torchrun only
-rank 0 draws bars, whatever the setting.
+multiprocessing worker (parallel search workers share their parent's terminal; even with
+``TORCHSLIM_PROGRESS=1``, which they inherit), or with ``TORCHSLIM_PROGRESS=0`` (``=1`` turns it
+on even without a terminal). Under torchrun only rank 0 draws bars, whatever the setting.
 
 Bars that run inside one another (calibration inside a quantize stage inside a recipe) share
 one rich ``Progress`` display, since rich allows one live display at a time; a bar disappears
@@ -83,16 +83,18 @@ def enabled(setting: bool | None = None, console: Any = None) -> bool:
         return False
     if setting is not None:
         return bool(setting)
+    import multiprocessing
+
+    # a worker (parallel search) shares its parent's terminal, which draws the bars: none here,
+    # even under TORCHSLIM_PROGRESS=1 (the workers inherit the parent's environment)
+    if multiprocessing.parent_process() is not None:
+        return False
     env = os.environ.get(ENV, "").strip().lower()
     if env in ("0", "false", "off", "no"):
         return False
     if env in ("1", "true", "on", "yes"):
         return True
     if "PYTEST_CURRENT_TEST" in os.environ and _console is None and console is None:
-        return False
-    import multiprocessing
-
-    if multiprocessing.parent_process() is not None:  # a worker (parallel search): its parent's terminal
         return False
     return bool((console or _get_console()).is_terminal)
 

@@ -57,7 +57,10 @@ class OnlineConfig:
     eval_every: batches between evaluations of the held-out segment sets (forgetting).
     max_batches: stop after this many batches of the stream (None = until it ends).
     seed: seeds the replay reservoir and torch (results equal across kill/resume).
-    progress: "auto" (on when stdout is a terminal), True or False.
+    progress: "auto" or None (``torchslim.core.progress``'s rule, as TrainConfig.progress: a bar in a
+        terminal, none in a file, a pipe, under pytest, in a worker process or with
+        TORCHSLIM_PROGRESS=0), True or False. The bar counts batches and shows samples/s,
+        prequential accuracy and drift events so far; the last drift event is its note.
     """
 
     lr: float = bounded(1e-3, 0.0, 10.0, low_open=True)
@@ -89,7 +92,7 @@ class OnlineConfig:
     eval_every: int = count(50, 1, MAX_BATCHES)
     max_batches: int | None = count(None, 0, MAX_BATCHES, optional=True)
     seed: int = seed_field()
-    progress: bool | str = "auto"
+    progress: bool | str | None = "auto"
 
     def __post_init__(self) -> None:
         check_bounds(self)  # every numeric field's two bounds, declared on the field
@@ -118,7 +121,8 @@ class OnlineConfig:
         check(self.teacher is None or self.learn, "OnlineConfig.teacher", "a teacher needs learn: true")
         check(self.replay_batch == 0 or self.replay_capacity > 0, "OnlineConfig.replay_batch",
               "replay_batch > 0 needs replay_capacity > 0 (a buffer to draw from)")
-        check(self.progress in (True, False, "auto"), "OnlineConfig.progress", f"must be true, false or auto, got {self.progress!r}")
+        check(self.progress in (True, False, "auto", None), "OnlineConfig.progress",
+              f"must be true, false, auto or null (auto), got {self.progress!r}")
 
     def to_dict(self) -> dict[str, Any]:
         import dataclasses

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..core.task import call_model
+from ..core.utils import eval_mode
 
 
 class ReplayBuffer:
@@ -77,19 +78,17 @@ class EWC:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         fisher = {n: torch.zeros_like(p) for n, p in params.items()}
         count = 0
-        was_training = model.training
-        model.eval()
-        try:
-            for x, y in batches:
+        with eval_mode(model):
+            try:
+                for x, y in batches:
+                    model.zero_grad(set_to_none=True)
+                    loss_fn(call_model(model, x), y).backward()
+                    for n, p in params.items():
+                        if p.grad is not None:
+                            fisher[n] += p.grad.detach() ** 2
+                    count += 1
+            finally:
                 model.zero_grad(set_to_none=True)
-                loss_fn(call_model(model, x), y).backward()
-                for n, p in params.items():
-                    if p.grad is not None:
-                        fisher[n] += p.grad.detach() ** 2
-                count += 1
-        finally:
-            model.zero_grad(set_to_none=True)
-            model.train(was_training)
         if count == 0:
             return
         for n, p in params.items():

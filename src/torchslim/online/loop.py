@@ -18,7 +18,6 @@ loss composition and hook order).
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -34,7 +33,7 @@ from ..core.errors import TorchslimError
 from ..core.stage import training_hooks
 from ..core.task import as_tensor, call_model, tensor_loss
 from ..core.train import TrainConfig, build_optimizer, build_scheduler
-from ..core.utils import model_device, to_device
+from ..core.utils import eval_mode, model_device, to_device
 from . import state as ckpt_state
 from .config import OnlineConfig
 from .drift import DriftMonitor
@@ -79,28 +78,34 @@ class OnlineResult:
         return sum(p["acc"] * p["n"] for p in pts) / n if n else math.nan
 
 
-def _progress(enabled: bool | str) -> Callable[[str], None]:
-    on = sys.stdout.isatty() if enabled == "auto" else bool(enabled)
-    if not on:
-        return lambda line: None
-    try:
-        from rich.console import Console
+def _bar(cfg: OnlineConfig, stream: Iterable[Any], offset: int):
+    """The one bar over the stream (``torchslim.core.progress``; "auto"/None = its auto rule): as
+    many steps as the stream has batches (up to max_batches) when that is known, else an open
+    count; a resumed run starts at its offset."""
+    from ..core import progress
+    from .stream import stream_length
 
-        console = Console()
-        return lambda line: console.print(line, highlight=False, markup=False)
-    except ImportError:  # pragma: no cover - rich is a dependency
-        return lambda line: print(line, flush=True)
+    total = stream_length(stream)
+    if cfg.max_batches is not None:
+        total = cfg.max_batches if total is None else min(total, cfg.max_batches)
+    setting = None if cfg.progress in (None, "auto") else bool(cfg.progress)
+    return progress.bar("online learning", total, setting=setting, completed=offset)
+
+
+def _status(loop: dict[str, Any]) -> dict[str, Any]:
+    """What the bar says: throughput, prequential accuracy and drift events so far (the numbers
+    OnlineResult reports, computed the same way)."""
+    rate = loop["samples"] / max(loop["seconds"], 1e-9)
+    acc = loop["correct"] / loop["samples"] if loop["samples"] else math.nan
+    return {"samples/s": f"{rate:,.0f}", "prequential acc": f"{acc:.4f}", "drift events": len(loop["events"])}
 
 
 def _evaluate(model: nn.Module, sets: dict[str, tuple[Any, torch.Tensor]], device) -> dict[str, float]:
     out = {}
-    was = model.training
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for name, (x, y) in sets.items():
             pred = as_tensor(call_model(model, to_device(x, device))).argmax(-1).cpu()
             out[name] = float((pred == y).float().mean())
-    model.train(was)
     return out
 
 
@@ -185,56 +190,57 @@ def online(model: nn.Module, stream: Iterable[Any], cfg: OnlineConfig | None = N
             teacher.left = loop.get("teacher_left", 0)
     if loop["fingerprint"] is None and check_compression:
         loop["fingerprint"] = fingerprint(model)
-    say = _progress(cfg.progress)
     sets = eval_sets or {}
     start = time.perf_counter() - loop["seconds"]
     from .stream import batches_from
 
-    for x, y in batches_from(stream, loop["offset"]):
-        if cfg.max_batches is not None and loop["offset"] >= cfg.max_batches:
-            break
-        offset = loop["offset"]
-        x, y = to_device(x, device), to_device(y, device)
-        model.eval()
-        with torch.no_grad():
-            pred = as_tensor(call_model(model, x)).argmax(-1)
-        errors = (pred != y).cpu()
-        point = {"batch": offset, "samples": loop["samples"] + len(y), "n": len(y), "acc": 1.0 - float(errors.float().mean())}
-        loop["curve"].append(point)
-        loop["samples"] += len(y)
-        loop["correct"] += int((~errors).sum())
-        events = monitor.update(errors, offset)
-        for e in events:
-            loop["events"].append(e.to_dict())
-            say(f"[online] drift ({e.direction}) at batch {offset}: error {e.error_before:.3f} -> {e.error_after:.3f}")
-        if cfg.learn:
-            if any(e.direction == "up" for e in events):
-                _on_drift(model, cfg, loop, ewc, recent, loss)
+    with _bar(cfg, stream, loop["offset"]) as bar:
+        def say(text: str) -> None:  # progress.note's field, on this bar only (not on a bar outside it)
+            bar.show(note=text)
+
+        for x, y in batches_from(stream, loop["offset"]):
+            if cfg.max_batches is not None and loop["offset"] >= cfg.max_batches:
+                break
+            offset = loop["offset"]
+            x, y = to_device(x, device), to_device(y, device)
+            model.eval()
+            with torch.no_grad():
+                pred = as_tensor(call_model(model, x)).argmax(-1)
+            errors = (pred != y).cpu()
+            point = {"batch": offset, "samples": loop["samples"] + len(y), "n": len(y), "acc": 1.0 - float(errors.float().mean())}
+            loop["curve"].append(point)
+            loop["samples"] += len(y)
+            loop["correct"] += int((~errors).sum())
+            events = monitor.update(errors, offset)
+            for e in events:
+                loop["events"].append(e.to_dict())
+                say(f"drift ({e.direction}) at batch {offset}: error {e.error_before:.3f} -> {e.error_after:.3f}")
+            if cfg.learn:
+                if any(e.direction == "up" for e in events):
+                    _on_drift(model, cfg, loop, ewc, recent, loss)
+                    if teacher is not None:
+                        teacher.on_drift()
+                _learn(model, x, y, cfg, loop, opt, sched, hooks, replay, loss, teacher)
                 if teacher is not None:
-                    teacher.on_drift()
-            _learn(model, x, y, cfg, loop, opt, sched, hooks, replay, loss, teacher)
-            if teacher is not None:
-                loop["teacher_batches"] = loop.get("teacher_batches", 0) + int(teacher.active)
-                teacher.end_batch()
-                loop["teacher_left"] = teacher.left
-            recent.append((x.detach().cpu(), y.detach().cpu()))
-            if loop["check_at"] is not None and offset >= loop["check_at"]:
-                _maybe_regrow(model, cfg, loop, recent, loss, say)
-        loop["offset"] = offset + 1
+                    loop["teacher_batches"] = loop.get("teacher_batches", 0) + int(teacher.active)
+                    teacher.end_batch()
+                    loop["teacher_left"] = teacher.left
+                recent.append((x.detach().cpu(), y.detach().cpu()))
+                if loop["check_at"] is not None and offset >= loop["check_at"]:
+                    _maybe_regrow(model, cfg, loop, recent, loss, say)
+            loop["offset"] = offset + 1
+            loop["seconds"] = time.perf_counter() - start
+            if sets and loop["offset"] % cfg.eval_every == 0:
+                loop["evals"].append({"batch": loop["offset"], **_evaluate(model, sets, device)})
+            if path is not None and loop["offset"] % cfg.checkpoint_every == 0:
+                ckpt_state.save(path, model, opt, sched, replay, ewc, monitor, list(recent), loop)
+            if on_checkpoint is not None and loop["offset"] % cfg.checkpoint_every == 0:
+                on_checkpoint(model, loop["offset"])  # e.g. re-export a fake-quant model to its real backend
+            bar.advance(1, **_status(loop))
+            if on_batch is not None:
+                on_batch(offset, point)
         loop["seconds"] = time.perf_counter() - start
-        if sets and loop["offset"] % cfg.eval_every == 0:
-            loop["evals"].append({"batch": loop["offset"], **_evaluate(model, sets, device)})
-        if path is not None and loop["offset"] % cfg.checkpoint_every == 0:
-            ckpt_state.save(path, model, opt, sched, replay, ewc, monitor, list(recent), loop)
-        if on_checkpoint is not None and loop["offset"] % cfg.checkpoint_every == 0:
-            on_checkpoint(model, loop["offset"])  # e.g. re-export a fake-quant model to its real backend
-        if loop["offset"] % max(cfg.checkpoint_every, 1) == 0:
-            rate = loop["samples"] / max(loop["seconds"], 1e-9)
-            say(f"[online] batch {loop['offset']}: {rate:,.0f} samples/s, prequential acc "
-                f"{loop['correct'] / max(loop['samples'], 1):.4f}, {len(loop['events'])} drift events")
-        if on_batch is not None:
-            on_batch(offset, point)
-    loop["seconds"] = time.perf_counter() - start
+        bar.show(**_status(loop))  # the final numbers, as OnlineResult reports them
     if sets and (not loop["evals"] or loop["evals"][-1]["batch"] != loop["offset"]):
         loop["evals"].append({"batch": loop["offset"], **_evaluate(model, sets, device)})
     if path is not None:
@@ -287,11 +293,11 @@ def _maybe_regrow(model, cfg: OnlineConfig, loop, recent, loss, say) -> None:
         if cfg.regrow_keep_sparsity:
             n = swap_by_gradient(model, batches, loss, cfg.regrow_fraction)
             loop["swapped"] = loop.get("swapped", 0) + n
-            say(f"[online] capacity short (acc {level:.3f} < {before:.3f} - {cfg.regrow_gap}): moved {n} weights")
+            say(f"capacity short (acc {level:.3f} < {before:.3f} - {cfg.regrow_gap}): moved {n} weights")
         else:
             n = regrow_by_gradient(model, batches, loss, cfg.regrow_fraction)
             loop["regrown"] += n
-            say(f"[online] capacity short (acc {level:.3f} < {before:.3f} - {cfg.regrow_gap}): regrew {n} weights")
+            say(f"capacity short (acc {level:.3f} < {before:.3f} - {cfg.regrow_gap}): regrew {n} weights")
         loop["rounds"] = loop.get("rounds", 0) + 1
         if n and loop["rounds"] < cfg.regrow_rounds:
             loop["check_at"] = loop["offset"] + WINDOW

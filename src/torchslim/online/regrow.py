@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..core.task import call_model
+from ..core.utils import eval_mode
 
 
 def regrow_by_gradient(model: nn.Module, batches: list[tuple[Any, torch.Tensor]], loss_fn: Any, fraction: float) -> int:
@@ -83,15 +84,13 @@ def _gradients(model: nn.Module, batches: list[tuple[Any, torch.Tensor]], loss_f
                masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     from ..pruning.masks import param_of
 
-    was = model.training
-    model.eval()
-    model.zero_grad(set_to_none=True)
-    for x, y in batches:
-        loss_fn(call_model(model, x), y).backward()
-    out = {}
-    for n, m in masks.items():
-        g = param_of(model, n).grad
-        out[n] = g.detach().abs().flatten().cpu() if g is not None else torch.zeros(m.numel())
-    model.zero_grad(set_to_none=True)
-    model.train(was)
+    with eval_mode(model):
+        model.zero_grad(set_to_none=True)
+        for x, y in batches:
+            loss_fn(call_model(model, x), y).backward()
+        out = {}
+        for n, m in masks.items():
+            g = param_of(model, n).grad
+            out[n] = g.detach().abs().flatten().cpu() if g is not None else torch.zeros(m.numel())
+        model.zero_grad(set_to_none=True)
     return out

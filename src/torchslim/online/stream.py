@@ -48,6 +48,20 @@ def batches_from(stream: Iterable[Any], offset: int = 0) -> Iterator[Batch]:
     return (as_batch(b) for b in islice(iter(stream), offset, None))
 
 
+def stream_length(stream: Iterable[Any]) -> int | None:
+    """How many batches ``stream`` yields, when that is known without reading it (a list, an
+    ArrayStream, a Task split, a Concat of such); None for a folder, a generator, or anything
+    else whose length only its end tells."""
+    if isinstance(stream, (Concat, TaskStream)):
+        return stream.length()
+    if isinstance(stream, (Iterator, FolderStream, GeneratorStream)):
+        return None
+    try:
+        return len(stream)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 class ArrayStream:
     """Arrays cut into consecutive batches (in the given order)."""
 
@@ -77,6 +91,10 @@ class TaskStream:
     def __init__(self, task: Task, split: str = "train", epochs: int = 1, seed: int = 0):
         self.loader = task.split(split)
         self.epochs, self.seed = epochs, seed
+
+    def length(self) -> int | None:
+        n = stream_length(self.loader)
+        return None if n is None else n * self.epochs
 
     def __iter__(self) -> Iterator[Batch]:
         sampler = getattr(self.loader, "sampler", None)
@@ -163,6 +181,10 @@ class Concat:
 
     def __init__(self, *streams: Iterable[Any]):
         self.streams = streams
+
+    def length(self) -> int | None:
+        parts = [stream_length(s) for s in self.streams]
+        return None if None in parts else sum(parts)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[Any]:
         for s in self.streams:

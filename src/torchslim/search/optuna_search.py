@@ -84,8 +84,7 @@ def run(ev: Evaluator, method: str, n_trials: int, storage: Any, name: str, seed
         raw = suggest(trial, ev)
         if method == "nsga2":  # explore cost freely; a trial over budget is kept, marked infeasible
             p = ev.space.clip(raw)
-            rec = ev(p, maker=method, fitted=True)
-            rec["feasible"] = ev.cost(p) <= ev.budget.ratio + 1e-9
+            rec = ev(p, maker=method, fitted=True, feasible=ev.cost(p) <= ev.budget.ratio + 1e-9)
         else:
             rec = ev(raw, maker=method)
         rec = dict(rec, optuna_trial=trial.number)
@@ -93,6 +92,9 @@ def run(ev: Evaluator, method: str, n_trials: int, storage: Any, name: str, seed
         return (rec["val"], ev.cost(Policy.from_dict(rec["policy"]))) if method == "nsga2" else rec["val"]
 
     done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in st.trials)
+    if ev.bar is not None:  # a resumed study: the trials it holds are steps of the bar already
+        for rec in records(st)[:n_trials]:
+            ev.bar.add(rec)
     if done < n_trials:
         st.optimize(objective, n_trials=n_trials - done, catch=())
     return records(st)

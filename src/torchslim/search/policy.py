@@ -47,7 +47,7 @@ def to_stages(policy: Policy, space: SearchSpace, finetune: dict[str, Any] | Non
         # layers `sparsity`: so sparsity = the largest value, and only the listed layers selected
         stages.append({"prune": {"sparsity": max(sparse.values()), "per_layer": sparse,
                                  "layers": sorted(sparse), "scope": "layer"}})
-    if finetune:
+    if finetune is not None:  # {} = a fine-tune with TrainConfig's defaults; None = none
         stages.append({"name": "finetune", "train": dict(finetune)})
     if policy.keep_float is not None:
         # ONNX Runtime's static int8 kernels: what the int8 latency table priced (int8_cost.py)

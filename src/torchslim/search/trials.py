@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core import progress
 from ..core.task import Task
 from . import policy as policy_mod
 from .cost import CostModel
@@ -47,6 +48,7 @@ class Evaluator:
     finetune: dict[str, Any] | None      # TrainConfig fields of the per-policy fine-tune
     log: Callable[[str], None] = print
     journal: str | Path | None = None    # the trials log a resumed search reads (see module doc)
+    bar: TrialBar | None = None          # the search's progress bar: every trial record is shown on it
     trials: list[dict[str, Any]] = field(default_factory=list)
     _cache: dict[str, dict[str, Any]] = field(default_factory=dict)
     _done: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -73,36 +75,69 @@ class Evaluator:
     def recipe(self, p: Policy) -> dict[str, Any]:
         return policy_mod.to_recipe(p, self.space, self.base_recipe, self.finetune)
 
-    def __call__(self, raw: Policy, maker: str = "", fitted: bool = False) -> dict[str, Any]:
-        p, feasible = (raw, True) if fitted else self.fit(raw)
+    def __call__(self, raw: Policy, maker: str = "", fitted: bool = False, feasible: bool | None = None) -> dict[str, Any]:
+        """The record of ``raw`` (fitted to the budget unless ``fitted``); ``feasible`` overrides
+        the record's flag (NSGA-II explores past the budget and marks what lies beyond it)."""
+        p, ok = (raw, True) if fitted else self.fit(raw)
+        told = {} if feasible is None else {"feasible": feasible}
         p = self.space.canonical(p)
         key = p.key()
         if key in self._cache:  # same policy again: same numbers (the run is deterministic)
-            rec = dict(self._cache[key], maker=maker, cached=True, index=len(self.trials))
-            self.trials.append(rec)
-            return rec
+            return self._record(dict(self._cache[key], maker=maker, cached=True, index=len(self.trials), **told))
         if key in self._done:  # evaluated before the search was interrupted: not run again
-            rec = dict(self._done.pop(key), maker=maker, cached=False, resumed=True, index=len(self.trials))
+            rec = dict(self._done.pop(key), maker=maker, cached=False, resumed=True, index=len(self.trials), **told)
             self._cache[key] = rec
-            self.trials.append(rec)
             self.log(f"trial {rec['index']:3d} [{maker}] val {rec['val']:.4f} (from the trials log)")
-            return rec
+            return self._record(rec)
         t0 = time.perf_counter()
         with _own_rng():
             _, metrics = policy_mod.evaluate(self.model, self.recipe(p), self.task)
         c = self.cost_model.cost(p)
         counts = self.cost_model.counts(self.model, p, self.task.example_inputs(batch_size=1))
-        rec = {"index": len(self.trials), "maker": maker, "policy": p.to_dict(), "feasible": feasible,
+        rec = {"index": len(self.trials), "maker": maker, "policy": p.to_dict(), "feasible": ok if feasible is None else feasible,
                "val": metrics["val"], "test": metrics["test"], **c, **counts,
                "seconds": round(time.perf_counter() - t0, 3), "cached": False}
         self._cache[key] = rec
-        self.trials.append(rec)
         if self.journal is not None:
             append_journal(self.journal, key, rec)
         self.log(f"trial {rec['index']:3d} [{maker}] val {rec['val']:.4f} test {rec['test']:.4f} "
                  f"latency {c.get('latency_ratio', float('nan')):.3f}x macs {c['macs_ratio']:.3f}x "
                  f"({rec['seconds']:.1f}s)")
+        return self._record(rec)
+
+    def _record(self, rec: dict[str, Any]) -> dict[str, Any]:
+        self.trials.append(rec)
+        if self.bar is not None:
+            self.bar.add(rec)
         return rec
+
+
+class TrialBar:
+    """The bar over a search's trials (``torchslim.core.progress``; ``setting`` None = its auto
+    rule, so worker processes of a parallel search draw none): one step per trial record, its
+    text the trial count, the best val metric so far (``best``: feasible trials only) and how
+    many trials are within the budget."""
+
+    def __init__(self, total: int, setting: bool | None = None):
+        self.total, self.seen = total, []
+        self.bar = progress.bar("search trials", total, setting=setting)
+        self.on = isinstance(self.bar, progress.Bar)
+
+    def add(self, rec: dict[str, Any]) -> None:
+        self.seen.append(rec)
+        top, held = best(self.seen), sum(bool(r.get("feasible", True)) for r in self.seen)
+        self.bar.advance(1, trial=f"{len(self.seen)}/{self.total}",
+                         **{"best val": "none" if top is None else f"{top['val']:.4f}",
+                            "budget held": f"{held}/{len(self.seen)}"})
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> TrialBar:  # noqa: PYI034 - typing.Self needs Python 3.11
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @contextlib.contextmanager
