@@ -82,7 +82,8 @@ class SearchSpec:
     finetune: the per-policy recovery (a TrainConfig; None = none).
     accuracy_min: exit code 1 when the best val metric is below it (None = any).
     keep_min / step / sparsities / int8 / int8_backend: the space (search.space.build_space).
-    rules: the user rules of method rules. storage / study / workers: the Optuna study (and
+    rules: the user rules of method rules (``search.rules.user_rules``: weight / keep per group,
+        bits: 8 | 32 per layer with int8). storage / study / workers: the Optuna study (and
         worker processes). seed: the maker's seed. sensitivity_sparsity: method sensitivity's probe.
     table: the latency table; checks / tolerance: end-to-end timings of the best trials under a
         latency budget, and how far over the budget a measured ratio may lie (a share).
@@ -117,6 +118,7 @@ class SearchSpec:
             check(0.0 <= s < 1.0, "SearchSpec.sparsities", f"each must be a share removed in [0, 1), got {s!r}")
         check(self.int8_backend in INT8_BACKENDS, "SearchSpec.int8_backend",
               f"unknown backend {self.int8_backend!r}; use {' or '.join(INT8_BACKENDS)}")
+        rules.check_rules(self.rules, self.int8, "SearchSpec.")  # the user rules (bits: 8 | 32 with int8)
 
 
 def parse_budget(budget: dict[str, Any], base_nonzero_bytes: int | None = None, where: str = "search") -> rules.Budget:

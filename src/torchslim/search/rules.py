@@ -4,11 +4,20 @@ Every policy maker's proposal passes through ``fit_budget``: the proposal is sca
 proportions kept) to the widest policy that meets the budget, as AMC clips its agent's actions
 so the budget always holds. So every maker spends the same budget, and comparisons between
 makers are at equal cost.
+
+Bit widths (``SearchSpace.int8``): every rule's policy then carries an int8 stage that quantizes
+every layer (``keep_float = ()``) with per-channel weight scales, except the layers a user rule
+keeps float (``bits: 32``). The keep ratios are fitted to the budget at int8's price (the ONNX
+Runtime int8 table of ``int8_cost``), so where int8 is cheaper an int8 policy keeps more channels
+than the float one at the same budget. The sensitivity rule keeps every layer int8: an int8
+sensitivity per layer would cost one quantized evaluation per layer (an ONNX Runtime graph each),
+so the per-layer bit width is left to the makers that measure it (the RL agent, Optuna).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +31,9 @@ from ..pruning.unstructured import PruneConfig
 from .space import Policy, SearchSpace
 
 KINDS = ("latency", "macs", "nonzeros")
+BITS = (8, 32)  # a user rule's bit width: 8 = int8, 32 = the layer stays float
+RULE_KEYS = ("match", "weight", "keep", "bits")
+GRANULARITY = "per_channel"  # the rules' int8 weight scales (the accurate one; Optuna searches both)
 
 
 @dataclass(frozen=True)
@@ -71,13 +83,19 @@ def weighted(weights: dict[str, float], space: SearchSpace, cost: CostFn, ratio:
              base: Policy | None = None) -> tuple[Policy, bool]:
     """Prune group g by a * weights[g] (keep = 1 - a * w), a as small as the budget allows."""
     w = {r: max(float(weights.get(r, 1.0)), 1e-9) for r in space.roots}
-    hi = (1.0 - space.keep_min) / min(w.values()) + 1e-9
-    base = base or Policy()
+    hi = (1.0 - space.keep_min) / min(w.values(), default=1.0) + 1e-9
+    base = base or int8_base(space)
 
     def family(a: float) -> Policy:
         return space.clip(Policy({r: 1.0 - a * w[r] for r in space.roots}, base.sparsity, base.keep_float, base.granularity))
 
     return _bisect(family, cost, ratio, hi)
+
+
+def int8_base(space: SearchSpace) -> Policy:
+    """What every rule starts from: with ``space.int8`` every layer int8 at per-channel
+    granularity (``keep_float = ()``); without it no int8 stage (``keep_float = None``)."""
+    return Policy({}, {}, (), GRANULARITY) if space.int8 else Policy()
 
 
 def uniform(space: SearchSpace, cost: CostFn, ratio: float) -> tuple[Policy, bool]:
@@ -99,31 +117,63 @@ def group_sensitivity(model: nn.Module, task: Task, space: SearchSpace, sparsity
 def sensitivity_rule(sens: dict[str, float], space: SearchSpace, cost: CostFn, ratio: float,
                      eps: float = 0.01) -> tuple[Policy, bool]:
     """Prune each group in inverse proportion to its sensitivity (+eps so an insensitive group
-    is not the only one pruned), to the budget."""
+    is not the only one pruned), to the budget. With ``space.int8`` every layer is int8 (module
+    doc: no per-layer int8 sensitivity is measured), so the fit keeps more channels where int8
+    is cheaper."""
     inv = {r: 1.0 / (sens.get(r, 0.0) + eps) for r in space.roots}
     mean = sum(inv.values()) / max(len(inv), 1)
     return weighted({r: v / mean for r, v in inv.items()}, space, cost, ratio)
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_rules(rules: Any, int8: bool, where: str = "") -> None:
+    """Each user rule's shape and values, before any work; errors name ``{where}rules[i].<key>``."""
+    check(isinstance(rules, list), f"{where}rules", "must be a list of {match: PATTERN, ...} rules")
+    for i, rule in enumerate(rules):
+        at = f"{where}rules[{i}]"
+        check(isinstance(rule, dict) and isinstance(rule.get("match"), str), at,
+              "each rule is {match: PATTERN} with weight: W or keep: K, and/or bits: 8 | 32")
+        extra = sorted(set(rule) - set(RULE_KEYS))
+        check(not extra, at, f"unknown key {', '.join(map(repr, extra))} — a rule takes match, weight or keep, and bits")
+        check(not ("weight" in rule and "keep" in rule), at, "give weight: W or keep: K, not both")
+        check(any(k in rule for k in ("weight", "keep", "bits")), at, "give weight: W, keep: K or bits: 8 | 32")
+        if "keep" in rule:
+            check(_number(rule["keep"]) and 0 < rule["keep"] <= 1, f"{at}.keep", f"must be in (0, 1], got {rule['keep']!r}")
+        if "weight" in rule:
+            check(_number(rule["weight"]) and 0 <= rule["weight"] <= 100, f"{at}.weight",
+                  f"must be in [0, 100], got {rule['weight']!r}")
+        if "bits" in rule:
+            check(not isinstance(rule["bits"], bool) and rule["bits"] in BITS, f"{at}.bits",
+                  f"must be 8 (int8) or 32 (kept float), got {rule['bits']!r}")
+            check(int8, f"{at}.bits", "bit widths are searched only with search.int8: true — set it, or drop bits")
+
+
 def user_rules(rules: list[dict[str, Any]], space: SearchSpace, cost: CostFn, ratio: float) -> tuple[Policy, bool]:
-    """Rules from a recipe, first match wins per group: ``{match: "layers.3.*", weight: 2.0}``
-    (prune that group twice as hard), ``{match: "stem.*", keep: 1.0}`` (fixed keep ratio,
-    left alone by the budget fit). Position rules are patterns too ("layers.0.*")."""
+    """Rules from a recipe: ``{match: "layers.3.*", weight: 2.0}`` (prune that group twice as
+    hard), ``{match: "stem.*", keep: 1.0}`` (fixed keep ratio, left alone by the budget fit) —
+    the first such rule matching a group's root or members wins — and, with ``space.int8``,
+    ``{match: "fc", bits: 32}`` (keep the matching layers float; ``bits: 8``: int8, the default)
+    — the first rule with ``bits`` matching a layer's name wins; a rule may carry both kinds.
+    Position rules are patterns too ("layers.0.*")."""
+    check_rules(rules, space.int8)
     weights: dict[str, float] = {}
     fixed: dict[str, float] = {}
     for g in space.groups:
-        for i, rule in enumerate(rules):
-            check(isinstance(rule, dict) and isinstance(rule.get("match"), str) and
-                  (("weight" in rule) != ("keep" in rule)), f"rules[{i}]",
-                  "each rule is {match: PATTERN, weight: W} or {match: PATTERN, keep: K}")
-            if any(fnmatch.fnmatchcase(m, rule["match"]) for m in (g.root, *g.members)):
+        for rule in rules:
+            if ("weight" in rule or "keep" in rule) and any(fnmatch.fnmatchcase(m, rule["match"]) for m in (g.root, *g.members)):
                 if "keep" in rule:
-                    check(0 < float(rule["keep"]) <= 1, f"rules[{i}].keep", f"must be in (0, 1], got {rule['keep']!r}")
                     fixed[g.root] = float(rule["keep"])
                 else:
-                    check(0 <= float(rule["weight"]) <= 100, f"rules[{i}].weight", f"must be in [0, 100], got {rule['weight']!r}")
                     weights[g.root] = float(rule["weight"])
                 break
+    base = int8_base(space)
+    if space.int8:
+        bits = {n: next((r["bits"] for r in rules if "bits" in r and fnmatch.fnmatchcase(n, r["match"])), 8)
+                for n in space.layers}
+        base = Policy({}, {}, tuple(n for n in space.layers if bits[n] == 32), GRANULARITY)
     free = [r for r in space.roots if r not in fixed]
     w = {r: weights.get(r, 1.0) for r in free}
 
@@ -132,5 +182,5 @@ def user_rules(rules: list[dict[str, Any]], space: SearchSpace, cost: CostFn, ra
 
     sub = SearchSpace([g for g in space.groups if g.root in free], space.layers, space.classifier,
                       space.keep_min, space.sparsities, space.int8, space.step, space.int8_backend)
-    pol, ok = weighted(w, sub, fixed_cost, ratio)
-    return space.clip(Policy({**pol.keep, **fixed})), ok
+    pol, ok = weighted(w, sub, fixed_cost, ratio, base)
+    return space.clip(Policy({**pol.keep, **fixed}, {}, pol.keep_float, pol.granularity)), ok
