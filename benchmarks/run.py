@@ -66,11 +66,17 @@ def result_path(bid: str, isa: str) -> Path:
     return RESULTS / f"{bid}-{isa_slug(isa)}.json"
 
 
-def write_result(bid: str, result: dict) -> Path:
+def write_result(bid: str, result: dict, parts: tuple[str, ...] = ()) -> Path:
+    """Write the run's result; ``parts`` (a benchmark module's PARTS) name keys that a separate
+    script measures into the same file (B9's and B10's MiniLM parts: benchmarks/b9_minilm.py,
+    b10_minilm.py): a run that does not produce them keeps the ones already in the file."""
     sys.path.insert(0, str(HERE.parent / "src"))
     from torchslim.core.utils import atomic_write_text
 
     path = result_path(bid, result["machine"]["isa"])
+    if parts and path.exists():
+        old = json.loads(path.read_text())
+        result = {**result, **{k: old[k] for k in parts if k in old and result.get(k) is None}}
     atomic_write_text(path, json.dumps(result, indent=2, sort_keys=False, default=float) + "\n")
     return path
 
@@ -142,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {"id": bid, "title": mods[bid].TITLE, "quick": args.quick, **result,
                   "wall_seconds": round(time.perf_counter() - start, 2),
                   "machine": {**machine(), **result.get("machine", {})}}  # a benchmark's own facts win
-        print(f"[{bid}] wrote {write_result(bid, result)}", flush=True)
+        print(f"[{bid}] wrote {write_result(bid, result, getattr(mods[bid], 'PARTS', ()))}", flush=True)
     write_table(mods)
     return 0
 
