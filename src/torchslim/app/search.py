@@ -379,4 +379,10 @@ def write_outputs(ev: Evaluator, spec: SearchSpec, trials: list[dict[str, Any]],
     else:
         log("no policy within the budget was found" + (" as measured" if held is not None else ""))
     atomic_write_text(out / "search.json", json.dumps(summary, indent=1, default=str))
+    try:  # every trial as a point of the report's Pareto plot (matplotlib: the report extra)
+        from .report.search_report import write_search_report
+
+        log(f"report: {write_search_report(json.loads((out / 'search.json').read_text()), out)}")
+    except ImportError:
+        log("report: not written (needs matplotlib: pip install 'torchslim[report]'); torchslim report search.json later")
     return summary

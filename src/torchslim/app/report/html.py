@@ -152,8 +152,17 @@ figcaption {{ color: #555; font-size: 0.9em; }}
 """
 
 
+def _need_matplotlib() -> None:
+    from ...core.errors import TorchslimError
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise TorchslimError("report: needs matplotlib, the 'report' extra: pip install 'torchslim[report]'") from None
+
+
 def write_report(run_json: str | Path, out: str | Path | None = None) -> Path:
-    """Write report.html (and PNGs) next to run.json, or to ``out``."""
+    """Write report.html (and PNGs) next to run.json (or a search's search.json), or to ``out``."""
     from ...core.errors import TorchslimError
 
     path = Path(run_json)
@@ -166,6 +175,11 @@ def write_report(run_json: str | Path, out: str | Path | None = None) -> Path:
     except (json.JSONDecodeError, RecursionError) as exc:
         why = f"{exc.msg} at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else "nested too deep"
         raise TorchslimError(f"report: {str(path)!r} is not valid JSON ({why})") from None
+    from .search_report import is_search_summary, write_search_report
+
+    if is_search_summary(run):  # torchslim search's search.json: every trial a point of the plot
+        _need_matplotlib()
+        return write_search_report(run, path.parent, Path(out) if out else None)
     if isinstance(run, dict) and run.get("kind") == "online" and isinstance(run.get("compression"), dict):
         # torchslim online: the compression run's rows, plus the stream's accuracy curve
         run = {**run["compression"], "online": run.get("online"), "name": f"{run['compression'].get('name') or 'run'} (online)"}
@@ -173,10 +187,7 @@ def write_report(run_json: str | Path, out: str | Path | None = None) -> Path:
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise TorchslimError(f"report: {str(path)!r} has no 'rows' list of stage rows; is it a torchslim run.json?")
     target = Path(out) if out else path.with_name("report.html")
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise TorchslimError("report: needs matplotlib, the 'report' extra: pip install 'torchslim[report]'") from None
+    _need_matplotlib()
     figs = figures(run)
     atomic_write_text(target, render(run, figs))
     save_pngs(run, target.parent, figs)
