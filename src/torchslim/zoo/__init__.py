@@ -106,10 +106,12 @@ def build_model(name: str, task: Task | None = None, **kwargs: Any) -> nn.Module
 
 
 def _ensure_optional_entries() -> None:
-    """Register entries that need optional packages (MiniLM needs transformers) lazily."""
-    if "minilm" in TASKS:
+    """Register entries that need optional packages (MiniLM and its text task need transformers)
+    lazily."""
+    if "minilm" in TASKS and "text_topics" in TASKS:
         return
     try:
         from . import minilm  # noqa: F401  (registers 'minilm' task and model)
+        from . import text_task  # noqa: F401  (registers 'text_topics' and 'minilm_classifier')
     except ImportError:
         pass
