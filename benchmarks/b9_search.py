@@ -11,11 +11,14 @@ the fine-tune seed and the table stay fixed). Each run's answer is then *measure
 are timed end to end, interleaved with the baseline (``search.verify.hold``, 3 blocks of 9
 repeats), until one holds 0.5x within 2%, the table (a per-run copy) recalibrated by each check;
 the arm's accuracy is that held policy's. The RL agent is compared with random search seed by
-seed (paired differences, mean and spread).
+seed (paired differences, mean and spread). ``int8_arm`` repeats uniform, random, TPE and RL (3
+seeds) with bit widths in the space (int8 or float per layer, ONNX Runtime static int8 priced per
+layer by ``search.int8_cost``; answers timed as real ORT int8 graphs).
 
 Run: ``python benchmarks/run.py B9`` (or ``python benchmarks/b9_search.py``); B9_TRIALS / B9_SEEDS
 environment variables change the evaluation budget (defaults 12 and 5; --quick: 4 and 1).
-The MiniLM part of B9 (<= 0.33x latency plan) is not measured here (see docs/search.md).
+The MiniLM part of B9 (<= 0.33x latency plan) is measured by ``benchmarks/b9_minilm.py`` into the
+same results file (its keys are PARTS: a run of this script keeps them).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 ID = "B9"
 TITLE = "Policy search at 0.5x latency predicted by the measured per-layer table (rescnn1d/MNIST-1D; the winners measured end to end in latency_checks): uniform, sensitivity, random, TPE, RL"
+PARTS = ("minilm", "minilm_speedup_at_fidelity", "minilm_mean_cosine", "minilm_top10")  # b9_minilm.py's
 HEADLINE = ["gain_over_uniform_pt", "rl_minus_random_pt", "search_minutes", "lost_or_duplicated_trials", "two_worker_speedup",
             "latency_model_mean_abs_error", "budget_held_runs", "max_measured_latency_ratio", "int8_minus_best_pruning_pt"]
 
@@ -193,15 +197,33 @@ def _int8_arms(model, task, cm, base, finetune, trials: int, seeds: int, out: Pa
         def make_ev8():
             return Evaluator(model, task, space8, cm8, Budget("latency", 0.5), base, finetune, log=log)
 
-        runs = [_arm("tpe", seed, trials, make_ev8, out, log, label="tpe_int8") for seed in range(seeds)]
+        # every policy maker searches bit widths too (issue 13 item 3): uniform (all int8, keep
+        # ratios fitted at int8's price), random, TPE and the RL agent (HAQ-style bits action)
+        runs = [_arm("uniform", 0, 1, make_ev8, out, log, label="uniform_int8")]
+        for seed in range(seeds):
+            runs += [_arm(m, seed, trials, make_ev8, out, log, label=f"{m}_int8") for m in ("random", "tpe", "rl")]
     except Exception as exc:  # noqa: BLE001 (reported in the result, not hidden: the pruning-only arms still run)
         return {"error": f"{type(exc).__name__}: {str(exc)[:300]}", "seconds": time.perf_counter() - t0}
-    held = [r for r in runs if r["budget_held"]]
-    tests = [r["best_test"] for r in held]
-    return {"method": "tpe", "seeds": seeds, "table_seconds": table_s, "budget_held": len(held),
-            "best_test_mean": statistics.mean(tests) if tests else None,
-            "best_test_sd": statistics.stdev(tests) if len(tests) > 1 else 0.0, "best_test_each": tests,
-            "measured_latency_each": [r["measured_latency_ratio"] for r in runs],
+
+    def arm_stats(label: str) -> dict:
+        rows = [r for r in runs if r["arm"] == label]
+        tests = [r["best_test"] for r in rows if r["budget_held"]]
+        return {"seeds": len(rows), "budget_held": len(tests),
+                "best_test_mean": statistics.mean(tests) if tests else None,
+                "best_test_sd": statistics.stdev(tests) if len(tests) > 1 else 0.0, "best_test_each": tests,
+                "measured_latency_each": [r["measured_latency_ratio"] for r in rows]}
+
+    arms = {label: arm_stats(label) for label in ("uniform_int8", "random_int8", "tpe_int8", "rl_int8")}
+    best = max(arms, key=lambda k: arms[k]["best_test_mean"] or 0.0)
+    paired = [100 * (r["best_test"] - q["best_test"]) for r, q in
+              zip([r for r in runs if r["arm"] == "rl_int8"], [r for r in runs if r["arm"] == "random_int8"])
+              if r["budget_held"] and q["budget_held"]]
+    return {"method": best.removesuffix("_int8"), "seeds": seeds, "table_seconds": table_s,
+            "budget_held": arms[best]["budget_held"], "best_test_mean": arms[best]["best_test_mean"],
+            "best_test_sd": arms[best]["best_test_sd"], "best_test_each": arms[best]["best_test_each"],
+            "measured_latency_each": arms[best]["measured_latency_each"], "arms": arms,
+            "rl_minus_random_pt": statistics.mean(paired) if paired else None,
+            "rl_minus_random_each_seed_pt": paired,
             "int8_calibration": cm8.int8.calibration, "int8_notes": cm8.int8.notes, "runs": runs}
 
 
@@ -283,11 +305,12 @@ def run(quick: bool = False, log=print) -> dict:
         "latency_threads": 1, "trials_per_arm": trials, "seeds": seeds, "finetune": finetune,
         "test_samples": len(task.test.dataset), "val_samples": len(task.val.dataset),
         "baseline_test": task.evaluate(model), **setup,
-        "minilm_speedup_at_fidelity": None, "minilm_mean_cosine": None, "minilm_top10": None,
         "notes": ("2-core machine shared with other jobs: latency ratios are interleaved (p10 basis when "
                   "contended; see each check's warnings); each run's answer is the best-by-val trial that "
                   "measured within 0.5x (+2% tolerance) end to end, its accuracy on the test split; "
-                  "rl_minus_random is the mean of per-seed paired differences; the MiniLM part is not measured."),
+                  "rl_minus_random is the mean of per-seed paired differences; int8_arm holds the same makers searching "
+                  "bit widths too (ORT static int8 priced per layer); the MiniLM part (minilm, minilm_*) is measured "
+                  "by benchmarks/b9_minilm.py into the same file."),
     }
 
 
