@@ -56,7 +56,8 @@ from ..zoo import build_model, build_task
 from .recipe import RecipeError, build_dataclass, load_recipe, read_recipe_file
 
 OUTPUTS = ("baseline.safetensors", "cost.json", "trials.json", "pareto.json", "best_recipe.yaml", "search.json",
-           "search.db", "search.journal", "search.journal.lock", "trials.jsonl", "sensitivity.json")
+           "search.db", "search.journal", "search.journal.lock", "trials.jsonl", "sensitivity.json",
+           "report.html", "search-pareto.png")
 METHODS = ("uniform", "sensitivity", "rules", "random", "tpe", "nsga2", "rl")
 MANY = ("random", "tpe", "nsga2", "rl")  # the makers that evaluate `trials` policies (the rules: one)
 INT8_BACKENDS = ("onnxruntime", "simulate")
