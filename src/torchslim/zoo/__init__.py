@@ -111,7 +111,7 @@ def _ensure_optional_entries() -> None:
     if "minilm" in TASKS and "text_topics" in TASKS:
         return
     try:
-        from . import minilm  # noqa: F401  (registers 'minilm' task and model)
-        from . import text_task  # noqa: F401  (registers 'text_topics' and 'minilm_classifier')
+        # minilm registers the 'minilm' task and model; text_task 'text_topics' and 'minilm_classifier'
+        from . import minilm, text_task  # noqa: F401
     except ImportError:
         pass
