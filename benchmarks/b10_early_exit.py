@@ -51,7 +51,8 @@ TITLE = "Early exits + cascade on rescnn1d/MNIST-1D: mean latency per sample at 
 EXITS = ("layers.0", "layers.1")  # an exit after layers.2 would save <= 19% of MACs for ~4% of head cost
 CASCADE_DROP = 0.001
 PARTS = ("minilm",)  # benchmarks/b10_minilm.py measures it into the same file
-HEADLINE = ["mean_latency_speedup", "accuracy_drop_pt", "exit_rates", "batch1_speedup", "batch64_speedup"]
+HEADLINE = ["mean_latency_speedup", "accuracy_drop_pt", "exit_rates", "batch1_speedup", "batch64_speedup",
+            "minilm.batch1_speedup", "minilm.batch64_speedup", "minilm.accuracy_drop_pt"]
 NOTES = ("2-core machine (check the timing warnings of each latency block): ratios are from interleaved repeats "
          "(p10 basis when a contention warning fired), absolute times are not meaningful.")
 

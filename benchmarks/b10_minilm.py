@@ -69,7 +69,8 @@ from torchslim.zoo.text_task import (
     texts_and_labels,
 )
 
-ID = "B10M"
+ID = "B10"
+PART_OF = "B10"  # writes its keys into results/B10-<isa>.json; run.py skips it: run this file directly
 TITLE = "B10 MiniLM row: early exits + cascade on a fine-tuned MiniLM classifier (text_topics), batch 1 and 64"
 HEADLINE = ["mean_latency_speedup", "accuracy_drop_pt", "exit_rates", "batch1_speedup", "batch64_speedup"]
 EXITS = tuple(f"bert.encoder.layer.{i}" for i in range(5))  # after every layer but the last (DeeBERT)

@@ -37,7 +37,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))  # b2_minilm_int8, peers_openvino
 
-ID = "B9"  # benchmarks/run.py keys modules by ID: "B9" there is b9_search.py; run this file directly
+ID = "B9"
+PART_OF = "B9"  # writes its keys into results/B9-<isa>.json; run.py skips it: run this file directly
 TITLE = "MiniLM-L6: most faithful searched plan (heads/FFN/int8 per group) at <= 0.33x fp32 latency, vs int8 peers"
 BUDGET = 0.33
 TARGET = {"speedup": 3.0, "mean_cosine": 0.995, "top10": 0.95, "file_mb": 20.0}

@@ -35,6 +35,8 @@ def discover() -> dict[str, object]:
         spec = importlib.util.spec_from_file_location(path.stem, path)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
+        if getattr(mod, "PART_OF", None):  # measures part of another benchmark's file: run it directly
+            continue
         mods[mod.ID] = mod
     return mods
 
@@ -94,6 +96,15 @@ def _order(path: Path) -> tuple[int, str]:
     return int(bid[1:]) if bid[1:].isdigit() else 999, isa
 
 
+def _get(data: dict, key: str, default: object = None) -> object:
+    """data[key]; a dotted key reads into a part ("minilm.batch1_speedup")."""
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return default
+        data = data[part]
+    return data
+
+
 def table(mods: dict[str, object]) -> str:
     rows = ["| id | ISA | benchmark | headline | measured on | date |", "|---|---|---|---|---|---|"]
     for path in sorted(RESULTS.glob("B*.json"), key=_order):
@@ -101,7 +112,7 @@ def table(mods: dict[str, object]) -> str:
         bid = data.get("id") or path.stem.partition("-")[0]
         mod = mods.get(bid)
         keys = getattr(mod, "HEADLINE", [k for k, v in data.items() if isinstance(v, (int, float))][:5])
-        head = "; ".join(f"{k} = {fmt(data.get(k))}" for k in keys if k in data)
+        head = "; ".join(f"{k} = {fmt(_get(data, k))}" for k in keys if _get(data, k, missing := object()) is not missing)
         m = data.get("machine", {})
         threads = next((data[k] for k in ("latency_threads", "threads", "torch_threads_used") if k in data),
                        m.get("torch_threads", "?"))
