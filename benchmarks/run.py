@@ -96,6 +96,9 @@ def _order(path: Path) -> tuple[int, str]:
     return int(bid[1:]) if bid[1:].isdigit() else 999, isa
 
 
+_MISSING = object()
+
+
 def _get(data: dict, key: str, default: object = None) -> object:
     """data[key]; a dotted key reads into a part ("minilm.batch1_speedup")."""
     for part in key.split("."):
@@ -112,7 +115,7 @@ def table(mods: dict[str, object]) -> str:
         bid = data.get("id") or path.stem.partition("-")[0]
         mod = mods.get(bid)
         keys = getattr(mod, "HEADLINE", [k for k, v in data.items() if isinstance(v, (int, float))][:5])
-        head = "; ".join(f"{k} = {fmt(_get(data, k))}" for k in keys if _get(data, k, missing := object()) is not missing)
+        head = "; ".join(f"{k} = {fmt(v)}" for k in keys if (v := _get(data, k, _MISSING)) is not _MISSING)
         m = data.get("machine", {})
         threads = next((data[k] for k in ("latency_threads", "threads", "torch_threads_used") if k in data),
                        m.get("torch_threads", "?"))

@@ -39,11 +39,13 @@ class _Encoder(nn.Module):
         return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.mean(1)
 
 
-def _tiny_bert() -> tuple[nn.Module, Task]:
+def _tiny_bert(layers: int = 2, pad_from: int | None = 8) -> tuple[nn.Module, Task]:
+    """BERT from a config (hidden 32, 4 heads of 8, FFN 64), blocks named bert.encoder.layer.N;
+    two batches of 4 x 10 tokens, the tokens from ``pad_from`` on padding (None: no padding)."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=16, attn_implementation="eager")
     model = _Encoder(BertModel(cfg)).eval()
     g = torch.Generator().manual_seed(0)
@@ -51,7 +53,8 @@ def _tiny_bert() -> tuple[nn.Module, Task]:
     for _ in range(2):
         ids = torch.randint(0, 50, (4, 10), generator=g)
         mask = torch.ones(4, 10, dtype=torch.long)
-        mask[:, 8:] = 0
+        if pad_from is not None:
+            mask[:, pad_from:] = 0
         items.append(({"input_ids": ids, "attention_mask": mask}, torch.randn(4, 32, generator=g)))
     dl = DataLoader(_Dicts(items), batch_size=None)
     return model, Task("tinybert", test=dl, train=dl, loss=nn.functional.mse_loss, metric=lambda o, t: 0.0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from torchslim.app.recipe import load_recipe
 from torchslim.app.report.layers import layer_charts
@@ -19,42 +19,12 @@ from torchslim.pruning.transformer import apply as tf_apply
 
 pytest.importorskip("transformers")
 
-
-class _Dicts(Dataset):
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
-
-class _Encoder(nn.Module):
-    def __init__(self, bert):
-        super().__init__()
-        self.bert = bert
-
-    def forward(self, input_ids, attention_mask):
-        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.mean(1)
+from test_prune_structured_layers import _tiny_bert
 
 
 def _bert(layers: int = 3) -> tuple[nn.Module, Task]:
-    """BERT from a config (hidden 32, 4 heads of 8, FFN 64), blocks named bert.encoder.layer.N."""
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=16, attn_implementation="eager")
-    model = _Encoder(BertModel(cfg)).eval()
-    g = torch.Generator().manual_seed(0)
-    items = []
-    for _ in range(2):
-        ids = torch.randint(0, 50, (4, 10), generator=g)
-        items.append(({"input_ids": ids, "attention_mask": torch.ones(4, 10, dtype=torch.long)}, torch.randn(4, 32, generator=g)))
-    dl = DataLoader(_Dicts(items), batch_size=None)
-    return model, Task("tinybert", test=dl, train=dl, loss=nn.functional.mse_loss, metric=lambda o, t: 0.0)
+    """The pruning tests' tiny BERT (blocks bert.encoder.layer.N), no padding."""
+    return _tiny_bert(layers, pad_from=None)
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "global"])

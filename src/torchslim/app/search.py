@@ -383,7 +383,7 @@ def write_outputs(ev: Evaluator, spec: SearchSpec, trials: list[dict[str, Any]],
     try:  # every trial as a point of the report's Pareto plot (matplotlib: the report extra)
         from .report.search_report import write_search_report
 
-        log(f"report: {write_search_report(json.loads((out / 'search.json').read_text()), out)}")
+        log(f"report: {write_search_report(summary, out)}")
     except ImportError:
         log("report: not written (needs matplotlib: pip install 'torchslim[report]'); torchslim report search.json later")
     return summary
