@@ -65,7 +65,7 @@ def _time_all(models: dict, batches: list, repeats: int) -> dict:
 
     from torchslim.core.measure import compare_latency
     from torchslim.core.task import call_model
-    from torchslim.search.transformer_space import at_threads
+    from torchslim.search.transformer_eval import at_threads
 
     ms = {k: m.with_threads(1) if isinstance(m, OvModel) else at_threads(m, 1) for k, m in models.items()}
     run = {k: (lambda m=m: [call_model(m, b) for b in batches]) for k, m in ms.items()}
@@ -113,6 +113,7 @@ def run(quick: bool = False, log=print) -> dict:
     import torch
 
     from torchslim.core.isa import machine_facts
+    from torchslim.search import transformer_eval as te
     from torchslim.search import transformer_space as ts
     from torchslim.zoo.minilm import load_minilm, minilm_task
 
@@ -132,7 +133,7 @@ def run(quick: bool = False, log=print) -> dict:
     # every 4th test batch (all sentence lengths, ~128 sentences): int8's gain depends on the length,
     # so a trial is timed on the mix the final timing (every other batch) has; fidelity is val only
     timing = [b for i, (b, _) in enumerate(task.test) if i % 4 == 0]
-    ev = ts.PlanEvaluator(model, task, space, base, timing, budget=BUDGET, threads=1, repeats=5, keep=6,
+    ev = te.PlanEvaluator(model, task, space, base, timing, budget=BUDGET, threads=1, repeats=5, keep=6,
                           log=lambda s: log(f"[{time.perf_counter() - t_start:6.0f}s]{s}"))
     arms = _arms(space)
     log(f"space: {len(space.layers)} layers, heads {space.heads[0]}, ffn {space.ffn[0]}, per-layer {space.per_layer}; "
@@ -145,7 +146,7 @@ def run(quick: bool = False, log=print) -> dict:
         arm_models[name] = ev.last_model
     left = max(0, trials - len(arms))
     if left:  # ... then TPE, told about the arms (cache hits), under the wall-clock cap
-        recs = ts.run_tpe(ev, left + len(arms), seed=0, enqueue=tuple(arms.values()),
+        recs = te.run_tpe(ev, left + len(arms), seed=0, enqueue=tuple(arms.values()),
                           timeout=max(1.0, search_s - (time.perf_counter() - t0)))
         records += [r for r in recs if not r.get("cached")]
     search_seconds = time.perf_counter() - t0

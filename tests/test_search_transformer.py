@@ -14,6 +14,7 @@ from torchslim import zoo
 from torchslim.app.runner import run_recipe
 from torchslim.core.errors import ConfigError
 from torchslim.core.task import Task
+from torchslim.search import transformer_eval as te
 from torchslim.search import transformer_space as ts
 from torchslim.zoo.minilm import SentenceEncoder, cosine_loss, mean_cosine
 
@@ -133,7 +134,7 @@ def test_policy_recipe_runs_to_the_shapes_and_float_layers_asked(tmp_path, monke
     # (attention output, FFN in, FFN out: 3 per layer) less the 2 kept float
     assert info["quantized_nodes"]["QAttention"] == 2 and info["quantized_nodes"]["MatMulInteger"] == 3 * 2 - 2
     # the evaluator builds the same model the run measured (same stages, same seeds)
-    ev = ts.PlanEvaluator(model, task, space, base, [b for b, _ in task.test][:1], repeats=2)
+    ev = te.PlanEvaluator(model, task, space, base, [b for b, _ in task.test][:1], repeats=2)
     built = ev.build(p)
     assert task.evaluate(built, "test") == pytest.approx(run["rows"][-1]["metric"], abs=1e-6)
     pruned = run_recipe({**recipe, "stages": recipe["stages"][:-1]}, tmp_path / "run2", log=lambda s: None)
@@ -161,7 +162,7 @@ def test_cost_is_measured_once_per_plan_and_ordered_by_size():
     # fewer units -> fewer MACs, strictly, per kind
     assert ts.macs_per_token(small, space) < ts.macs_per_token(ts.uniform_policy(space, 0.5, 1.0, None), space) \
         < ts.macs_per_token(full, space)
-    ev = ts.PlanEvaluator(model, task, space, {"task": {"name": "x"}, "model": {"name": "x"}, "seed": 0},
+    ev = te.PlanEvaluator(model, task, space, {"task": {"name": "x"}, "model": {"name": "x"}, "seed": 0},
                           [b for b, _ in task.val], budget=0.9, repeats=7)
     ev.build = lambda p: model if p.key() == full.key() else _pruned(model, p, space, task)
     same = ev(full)
@@ -173,7 +174,7 @@ def test_cost_is_measured_once_per_plan_and_ordered_by_size():
     rec = ev(small)
     assert rec["macs_ratio"] < 0.6 and math.isfinite(rec["latency_ratio"]) and rec["latency_ratio"] > 0
     assert rec["val_cosine"] < same["val_cosine"]
-    best = ts.best_feasible(ev.records)
+    best = te.best_feasible(ev.records)
     assert best is None or best["val_cosine"] == max(r["val_cosine"] for r in ev.records if r["feasible"])
 
 

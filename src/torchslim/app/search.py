@@ -11,6 +11,8 @@ plus a ``search`` block; its ``stages`` are ignored (the search writes them)::
       accuracy_min: 0.9              # optional: exit code 1 when the best is below it
       int8: false                    # int8-or-float per layer + granularity, on ORT's int8 kernels
       progress: null                 # the bar over trials: null = auto (in a terminal), true, false
+      space: cnn                     # or transformer: heads / FFN units / layer drop / int8 per
+                                     # group of a BERT-style encoder (app/search_transformer.py)
 
 The block is ``SearchSpec``, a config on the one contract (``torchslim.core.config_base``): unknown
 keys refused, every number bounded on both sides, errors naming ``search.<field>``.
@@ -32,18 +34,14 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 import time
-from dataclasses import field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from ..core.bounds import bounded, count, fraction
-from ..core.config_base import config, to_dict
-from ..core.errors import ConfigError, check
+from ..core.config_base import to_dict
 from ..core.isa import machine_facts
 from ..core.train import TrainConfig, fit
 from ..core.utils import atomic_write_text, seed_everything
@@ -53,111 +51,15 @@ from ..search import int8_cost, optuna_search, rules, verify
 from ..search.space import Policy, build_space
 from ..search.trials import Evaluator, TrialBar, best, pareto
 from ..zoo import build_model, build_task
-from .recipe import RecipeError, build_dataclass, load_recipe, read_recipe_file
+from .recipe import load_recipe
+from .search_spec import MANY, METHODS, SearchSpec, TableSpec, parse_budget, read_search_recipe
+
+__all__ = ["METHODS", "OUTPUTS", "SearchSpec", "TableSpec", "parse_budget", "read_search_recipe", "run_search",
+           "write_outputs"]
 
 OUTPUTS = ("baseline.safetensors", "cost.json", "trials.json", "pareto.json", "best_recipe.yaml", "search.json",
            "search.db", "search.journal", "search.journal.lock", "trials.jsonl", "sensitivity.json",
            "report.html", "search-pareto.png")
-METHODS = ("uniform", "sensitivity", "rules", "random", "tpe", "nsga2", "rl")
-MANY = ("random", "tpe", "nsga2", "rl")  # the makers that evaluate `trials` policies (the rules: one)
-INT8_BACKENDS = ("onnxruntime", "simulate")
-
-
-@config
-class TableSpec:
-    """The latency table (``search.table``): widths timed per layer side and repeats per timing."""
-
-    grid: int = count(9, 2, 64)
-    repeats: int = count(7, 1, 1000)
-
-
-@config
-class SearchSpec:
-    """The ``search:`` block of a search recipe (module doc), on the one config contract (unknown
-    keys refused, every number bounded on both sides, a YAML/JSON round trip through
-    ``config_base.to_dict`` / ``from_dict``).
-
-    budget: exactly one of {latency: 0.5x}, {macs: 0.3x}, {size: 8MB | 0.2x}.
-    method: uniform | sensitivity | rules | random | tpe | nsga2 | rl; trials: policies evaluated
-        (by rl and the Optuna methods; the rule makers evaluate one).
-    finetune: the per-policy recovery (a TrainConfig; None = none).
-    accuracy_min: exit code 1 when the best val metric is below it (None = any).
-    keep_min / step / sparsities / int8 / int8_backend: the space (search.space.build_space).
-    rules: the user rules of method rules (``search.rules.user_rules``: weight / keep per group,
-        bits: 8 | 32 per layer with int8). storage / study / workers: the Optuna study (and
-        worker processes). seed: the maker's seed. sensitivity_sparsity: method sensitivity's probe.
-    table: the latency table; checks / tolerance: end-to-end timings of the best trials under a
-        latency budget, and how far over the budget a measured ratio may lie (a share).
-    progress: the bar over trials (``torchslim.core.progress``): None = auto, True, False.
-    """
-
-    budget: dict[str, Any] = field(default_factory=lambda: {"latency": "0.5x"})  # checked by parse_budget
-    method: str = "tpe"
-    trials: int = count(20, 1, 100_000)
-    finetune: TrainConfig | None = field(default_factory=lambda: TrainConfig(epochs=1))
-    accuracy_min: float | None = fraction(None, optional=True)
-    keep_min: float = fraction(0.25, low_open=True)
-    step: int | None = count(8, 1, 1024, optional=True)
-    sparsities: list[float] = field(default_factory=list)
-    int8: bool = False
-    rules: list[dict[str, Any]] = field(default_factory=list)
-    storage: str | None = None
-    study: str | None = None
-    workers: int = count(1, 1, 64)
-    seed: int = count(0, 0, 2**31 - 1)  # numpy / Optuna / stable-baselines3 seeds are 32-bit
-    sensitivity_sparsity: float = fraction(0.8, low_open=True, high_open=True)
-    table: TableSpec = field(default_factory=TableSpec)
-    checks: int = count(5, 1, 100)           # latency budget: most candidates timed end to end
-    tolerance: float = bounded(0.02, 0.0, 0.5)  # measured ratio may exceed the budget by this share
-    int8_backend: str = "onnxruntime"        # int8: real ORT kernels, priced; or "simulate"
-    progress: bool | None = None
-
-    def __post_init__(self) -> None:
-        check(self.method in METHODS, "SearchSpec.method", f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
-        parse_budget(self.budget, where="SearchSpec")
-        for s in self.sparsities:
-            check(0.0 <= s < 1.0, "SearchSpec.sparsities", f"each must be a share removed in [0, 1), got {s!r}")
-        check(self.int8_backend in INT8_BACKENDS, "SearchSpec.int8_backend",
-              f"unknown backend {self.int8_backend!r}; use {' or '.join(INT8_BACKENDS)}")
-        rules.check_rules(self.rules, self.int8, "SearchSpec.")  # the user rules (bits: 8 | 32 with int8)
-
-
-def parse_budget(budget: dict[str, Any], base_nonzero_bytes: int | None = None, where: str = "search") -> rules.Budget:
-    """{latency: 0.5x} / {macs: 0.3x} / {size: 8MB | 0.2x} -> Budget (size in non-zero fp32 bytes);
-    errors name ``where``.budget (SearchSpec from Python, search in a recipe)."""
-    if not isinstance(budget, dict) or len(budget) != 1:
-        raise ConfigError(f"{where}.budget: give exactly one of latency, macs, size, e.g. {{latency: 0.5x}}")
-    (kind, raw), = budget.items()
-    if kind not in ("latency", "macs", "size"):
-        raise ConfigError(f"{where}.budget.{kind}: unknown budget; use latency, macs or size")
-    text = str(raw).strip().lower()
-    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(x|kb|mb|gb|b)?", text)
-    if not m:
-        raise ConfigError(f"{where}.budget.{kind}: write a share like 0.5x (or for size 8MB), got {raw!r}")
-    value, unit = float(m.group(1)), m.group(2) or "x"
-    if unit != "x":
-        if kind != "size":
-            raise ConfigError(f"{where}.budget.{kind}: must be a share of the baseline like 0.5x, got {raw!r}")
-        if base_nonzero_bytes is None:
-            return rules.Budget("nonzeros", 1.0)  # resolved once the baseline is known
-        value = value * {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9}[unit] / base_nonzero_bytes
-        value = min(value, 1.0)
-    if not 0 < value <= 1:
-        raise ConfigError(f"{where}.budget.{kind}: must be in (0, 1] of the baseline, got {raw!r}")
-    return rules.Budget({"size": "nonzeros"}.get(kind, kind), value)
-
-
-def read_search_recipe(path: str | Path) -> tuple[dict[str, Any], SearchSpec]:
-    """(the recipe without its search block, validated; the search block), before any work."""
-    data = read_recipe_file(path)
-    if not isinstance(data, dict) or not isinstance(data.get("search"), dict):
-        raise RecipeError("search: a search recipe needs a `search:` mapping (budget, method, trials)")
-    spec = build_dataclass(SearchSpec, data.pop("search"), "search")  # the contract; errors name search.<field>
-    data.pop("stages", None)
-    load_recipe(dict(data, stages=[]))  # task/model/train/measure checked now, not an hour in
-    return data, spec
-
-
 def _baseline(recipe: dict[str, Any], out: Path, resume: bool, log) -> tuple[Any, torch.nn.Module, Path]:
     parsed = load_recipe(dict(recipe, stages=[]))
     task = build_task(parsed.task.name, **parsed.task.kwargs)
@@ -284,7 +186,8 @@ def _evaluator(path: Path, out: Path, resume: bool, log) -> tuple[Evaluator, Sea
     recipe, spec = read_search_recipe(path)
     task, model, weights = _baseline(recipe, out, resume, log)
     space = build_space(model, task, keep_min=spec.keep_min, sparsities=tuple(spec.sparsities),
-                        int8=spec.int8, step=spec.step, int8_backend=spec.int8_backend)
+                        int8=spec.int8, step=spec.step, int8_backend=spec.int8_backend,
+                        **space_extras(spec))
     budget = parse_budget(spec.budget)
     probe = cost_mod.build_cost_model(model, space, task, latency=False)
     if budget.kind == "nonzeros":
@@ -300,6 +203,17 @@ def _evaluator(path: Path, out: Path, resume: bool, log) -> tuple[Evaluator, Sea
                      journal=out / "trials.jsonl"), spec
 
 
+def space_extras(spec: SearchSpec) -> dict[str, Any]:
+    """The CNN space's low-rank and share-bits dimensions, passed only when asked for (so an older
+    ``build_space`` without them still serves every other search)."""
+    out: dict[str, Any] = {}
+    if spec.ranks:
+        out["ranks"] = tuple(float(r) for r in spec.ranks)
+    if spec.share_bits:
+        out["share_bits"] = tuple(int(b) for b in spec.share_bits)
+    return out
+
+
 def finetune_fields(finetune: TrainConfig | None) -> dict[str, Any] | None:
     """The per-policy fine-tune as the written recipe's ``train`` mapping: only the fields that
     differ from TrainConfig's defaults, so best_recipe.yaml stays as short as the user wrote it."""
@@ -313,12 +227,18 @@ def run_search(path: str | Path, out_dir: str | Path | None = None, resume: bool
     """The ``torchslim search`` entry: 0 when a policy within budget (and accuracy_min) was found,
     1 when none was; bad input raises a one-line ConfigError/RecipeError (exit code 2)."""
     t0 = time.perf_counter()
+    recipe, spec = read_search_recipe(path)  # bad input refused before anything is touched
     out = Path(out_dir or "out-search")
     out.mkdir(parents=True, exist_ok=True)
     _SOURCE[:] = [Path(path).resolve(), out.resolve()]
     if not resume:  # a fresh search: what an earlier one wrote here would be continued otherwise
         for name in OUTPUTS:
             (out / name).unlink(missing_ok=True)
+    if spec.space == "transformer":
+        from .search_transformer import run_transformer_search
+
+        top = run_transformer_search(recipe, spec, out, resume, t0, log).get("best")
+        return 0 if top is not None and (spec.accuracy_min is None or top["val"] >= spec.accuracy_min) else 1
     ev, spec = _evaluator(Path(path), out, resume, log)
     log(f"search: {spec.method}, {spec.trials} trial(s), budget {ev.budget.kind} <= {ev.budget.ratio:.3f}x, "
         f"{len(ev.space.groups)} channel groups")

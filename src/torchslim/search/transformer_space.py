@@ -1,9 +1,12 @@
 """Transformer search space (issue 13, item 1): per encoder layer, attention heads and FFN units
-kept, and per Linear group (Q/K/V, attention output, FFN in, FFN out) int8 or float.
+kept or the whole layer dropped, and per Linear group (Q/K/V, attention output, FFN in, FFN out)
+int8 or float.
 
 A ``TransformerPolicy`` is plain data; ``to_stages`` writes it as ordinary recipe stages, as
 ``policy.py`` does for CNNs, so a found plan re-runs through ``torchslim run``:
 
+- one ``layer_drop`` stage first when layers are dropped (``drop``: their names; each becomes an
+  identity, ``pruning.layers``; the choices of a dropped layer are void and not written);
 - one ``transformer_prune`` stage per distinct (heads, FFN) width pair, touching exactly its own
   layers (``layers.exclude`` = the other encoder layers; without that field in
   ``TransformerPruneConfig``, only one width pair for every layer is expressible);
@@ -16,7 +19,7 @@ A ``TransformerPolicy`` is plain data; ``to_stages`` writes it as ordinary recip
 Legal widths: >= 1 head per layer (multiples of 1 head), FFN units a multiple of ``ffn_multiple``
 (64 by default: a coarse grid, not a kernel need; ORT's int8 MatMulInteger FFN pair at 1 thread
 on the 2-core AVX-512 VNNI AMD EPYC cost the same per unit, within noise, at 1344..1536 units, 1380 included).
-Cost is measured, not modelled: ``PlanEvaluator`` applies a plan's stages
+Cost is measured, not modelled: ``transformer_eval.PlanEvaluator`` applies a plan's stages
 the way the runner does (``policy.evaluate``), scores it on the val split and times the result
 end to end against the fp32 PyTorch model, interleaved (``compare_latency``), once per plan.
 """
@@ -26,14 +29,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from ..core.errors import check
-from ..core.task import Task, call_model
 from ..pruning.transformer import TransformerPruneConfig, find_blocks
 
 GROUPS = ("qkv", "attn_out", "ffn_in", "ffn_out")
@@ -61,16 +62,22 @@ class EncoderLayer:
 class TransformerSpace:
     """The legal choices per encoder layer: ``heads[i]`` / ``ffn[i]`` the kept counts allowed for
     layer i (descending, the first = untouched); ``per_layer`` False when widths can only be
-    chosen once for every layer (``TransformerPruneConfig`` without ``layers``)."""
+    chosen once for every layer (``TransformerPruneConfig`` without ``layers``); ``drop`` True when
+    dropping whole layers is searched (a policy may drop layers either way; one always stays)."""
 
     layers: tuple[EncoderLayer, ...]
     heads: tuple[tuple[int, ...], ...]
     ffn: tuple[tuple[int, ...], ...]
     ffn_multiple: int
     per_layer: bool
+    drop: bool = False
 
     def check(self, policy: TransformerPolicy) -> None:
         """A one-line ConfigError when ``policy`` asks for a width or precision not in the space."""
+        names = [x.name for x in self.layers]
+        for n in policy.drop:
+            check(n in names, f"TransformerPolicy.drop[{n}]", f"names no encoder layer; use one of {names}")
+        check(len(set(policy.drop)) < len(names), "TransformerPolicy.drop", "keep at least one encoder layer")
         for i, layer in enumerate(self.layers):
             h, f = policy.heads.get(layer.name, layer.heads), policy.ffn.get(layer.name, layer.ffn)
             check(h in self.heads[i], f"TransformerPolicy.heads[{layer.name}]", f"{h} is not one of {list(self.heads[i])}")
@@ -81,7 +88,8 @@ class TransformerSpace:
                   f"{q!r} is not one of {list(CHOICES.get(group, ()))} for group {group!r}")
             check(layer in {x.name for x in self.layers}, f"TransformerPolicy.quant[{key}]", "names no encoder layer")
         if not self.per_layer:
-            pairs = {(policy.heads.get(x.name, x.heads), policy.ffn.get(x.name, x.ffn)) for x in self.layers}
+            pairs = {(policy.heads.get(x.name, x.heads), policy.ffn.get(x.name, x.ffn)) for x in self.layers
+                     if x.name not in policy.drop}
             check(len(pairs) == 1, "TransformerPolicy.heads", "per-layer widths need TransformerPruneConfig.layers; "
                   "give every layer the same heads and FFN widths")
 
@@ -97,8 +105,9 @@ def _kept(n: int, keep: float, multiple: int, least: int) -> int:
 
 def build_transformer_space(model: nn.Module, heads_keep: tuple[float, ...] = (1.0, 0.75, 0.5),
                             ffn_keep: tuple[float, ...] = (1.0, 0.875, 0.75, 0.5),
-                            ffn_multiple: int = 64) -> TransformerSpace:
-    """The space of ``model``'s BERT-style layers: kept shares rounded to legal counts."""
+                            ffn_multiple: int = 64, drop: bool = False) -> TransformerSpace:
+    """The space of ``model``'s BERT-style layers: kept shares rounded to legal counts; ``drop``:
+    whether whole layers may be dropped too."""
     check(all(0 < k <= 1 for k in (*heads_keep, *ffn_keep)), "build_transformer_space", "kept shares must be in (0, 1]")
     check(ffn_multiple >= 1, "build_transformer_space.ffn_multiple", "must be >= 1")
     names = {id(m): n for n, m in model.named_modules()}
@@ -115,7 +124,7 @@ def build_transformer_space(model: nn.Module, heads_keep: tuple[float, ...] = (1
         heads.append(tuple(sorted({_kept(b.heads, k, 1, 1) for k in (1.0, *heads_keep)}, reverse=True)))
         step = ffn_multiple if n_ffn % ffn_multiple == 0 else 1  # an odd width is only kept or cut freely
         ffn.append(tuple(sorted({_kept(n_ffn, k, step, step) for k in (1.0, *ffn_keep)}, reverse=True)))
-    return TransformerSpace(tuple(layers), tuple(heads), tuple(ffn), ffn_multiple, layers_field_available())
+    return TransformerSpace(tuple(layers), tuple(heads), tuple(ffn), ffn_multiple, layers_field_available(), drop)
 
 
 @dataclass
@@ -124,23 +133,28 @@ class TransformerPolicy:
     "<layer>:<group>" -> "int8" | "float" | "blocks" (None: no int8 stage); smooth: SmoothQuant
     on the Q/K/V and FFN-input activations of the int8 stage; fuse: the int8 graph fused by
     onnxruntime.transformers first (QAttention) or left as exported (``ort_options.optimize``:
-    which is faster depends on the CPU, so the search measures both)."""
+    which is faster depends on the CPU, so the search measures both); drop: encoder layers removed
+    whole (their other choices are void)."""
 
     heads: dict[str, int] = field(default_factory=dict)
     ffn: dict[str, int] = field(default_factory=dict)
     quant: dict[str, str] | None = None
     smooth: bool = False
     fuse: bool = True
+    drop: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"heads": dict(self.heads), "ffn": dict(self.ffn),
-                "quant": None if self.quant is None else dict(sorted(self.quant.items())), "smooth": self.smooth,
-                "fuse": self.fuse}
+        out = {"heads": dict(self.heads), "ffn": dict(self.ffn),
+               "quant": None if self.quant is None else dict(sorted(self.quant.items())), "smooth": self.smooth,
+               "fuse": self.fuse}
+        if self.drop:  # only then: the keys (and Optuna parameters) of earlier plans stay the same
+            out["drop"] = sorted(self.drop)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TransformerPolicy:
         return cls(dict(data.get("heads", {})), dict(data.get("ffn", {})), data.get("quant"), bool(data.get("smooth")),
-                   bool(data.get("fuse", True)))
+                   bool(data.get("fuse", True)), tuple(sorted(data.get("drop", ()))))
 
     def key(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -162,28 +176,37 @@ def _fraction(removed: int, n: int) -> float:
 
 
 def to_stages(policy: TransformerPolicy, space: TransformerSpace, criterion: str = "activation",
-              batches: int = 4) -> list[dict[str, Any]]:
-    """The recipe stages (plain mappings, as in YAML) that carry out ``policy``."""
+              batches: int = 4, finetune: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The recipe stages (plain mappings, as in YAML) that carry out ``policy``; ``finetune``
+    (TrainConfig fields; None = none) is one ``train`` stage after the pruning, before int8."""
     space.check(policy)
+    dropped = set(policy.drop)
+    kept = [x for x in space.layers if x.name not in dropped]
+    stages: list[dict[str, Any]] = []
+    if dropped:
+        stages.append({"name": "drop-layers", "layer_drop": {"drop": [x.name for x in space.layers if x.name in dropped]}})
     by_pair: dict[tuple[float, float], list[str]] = {}
-    for x in space.layers:
+    for x in kept:
         h, f = policy.heads.get(x.name, x.heads), policy.ffn.get(x.name, x.ffn)
         if (h, f) != (x.heads, x.ffn):
             by_pair.setdefault((_fraction(x.heads - h, x.heads), _fraction(x.ffn - f, x.ffn)), []).append(x.name)
-    stages: list[dict[str, Any]] = []
     for (hp, fp), names in sorted(by_pair.items()):
         cfg: dict[str, Any] = {"heads_prune": hp, "ffn_prune": fp, "criterion": criterion, "allocation": "uniform",
                                "batches": batches, "round_ffn_to": 1}
-        others = [x.name for x in space.layers if x.name not in names]
+        others = [x.name for x in kept if x.name not in names]
         if others:
             check(space.per_layer, "TransformerPolicy.heads", "per-layer widths need TransformerPruneConfig.layers")
             cfg["layers"] = {"exclude": others}  # block names (TransformerPruneConfig.layers)
         stages.append({"name": f"heads-{hp:g}-ffn-{fp:g}", "transformer_prune": cfg})
+    if finetune is not None:
+        stages.append({"name": "finetune", "train": dict(finetune)})
     if policy.quant is not None:
         layer_of = {x.name: x for x in space.layers}
         floats, blocks = [], []
         for key, q in sorted(policy.quant.items()):
             lname, _, group = key.rpartition(":")
+            if lname in dropped:
+                continue
             names = list(layer_of[lname].linears[group])
             floats += names if q == "float" else []
             blocks += names if q == "blocks" else []
@@ -213,13 +236,16 @@ def macs_per_token(policy: TransformerPolicy, space: TransformerSpace, seq: int 
     """Multiply-accumulates per token of the encoder layers (Linears + attention at ``seq``)."""
     total = 0.0
     for x in space.layers:
+        if x.name in policy.drop:
+            continue
         d, a = x.hidden, policy.heads.get(x.name, x.heads) * x.head_size
         total += 4 * d * a + 2 * seq * a + 2 * d * policy.ffn.get(x.name, x.ffn)
     return total
 
 
 def suggest(trial: Any, space: TransformerSpace) -> TransformerPolicy:
-    """One Optuna trial's policy (categorical choices; per layer when the space allows it)."""
+    """One Optuna trial's policy (categorical choices; per layer when the space allows it). With
+    ``space.drop`` each layer may be dropped; a trial that drops them all keeps the last one."""
     heads, ffn = {}, {}
     for i, x in enumerate(space.layers):
         tag = x.name if space.per_layer else "all"
@@ -227,8 +253,12 @@ def suggest(trial: Any, space: TransformerSpace) -> TransformerPolicy:
         ffn[x.name] = trial.suggest_categorical(f"ffn:{tag}", list(space.ffn[i]))
     quant = {f"{x.name}:{g}": trial.suggest_categorical(f"quant:{x.name}:{g}", list(CHOICES[g]))
              for x in space.layers for g in GROUPS}
+    drop: tuple[str, ...] = ()
+    if space.drop:
+        drop = tuple(x.name for x in space.layers if trial.suggest_categorical(f"drop:{x.name}", [False, True]))
+        drop = drop[:len(space.layers) - 1]  # at least one layer stays: the last asked for is kept
     return TransformerPolicy(heads, ffn, quant, trial.suggest_categorical("smooth", [False, True]),
-                             trial.suggest_categorical("fuse", [True, False]))
+                             trial.suggest_categorical("fuse", [True, False]), drop)
 
 
 def trial_params(policy: TransformerPolicy, space: TransformerSpace) -> dict[str, Any]:
@@ -241,116 +271,11 @@ def trial_params(policy: TransformerPolicy, space: TransformerSpace) -> dict[str
         for g in GROUPS:
             out[f"quant:{x.name}:{g}"] = (policy.quant or {}).get(f"{x.name}:{g}", "float")
     out["smooth"], out["fuse"] = policy.smooth, policy.fuse
+    if space.drop:
+        out.update({f"drop:{x.name}": x.name in policy.drop for x in space.layers})
     return out
 
 
-def at_threads(model: nn.Module, threads: int) -> nn.Module:
-    """An ONNX Runtime model rebuilt with ``threads`` intra-op threads; a torch model as is
-    (``compare_latency(threads=...)`` sets torch's)."""
-    from ..quantization.backends import OrtModel
-
-    return OrtModel(model.onnx_bytes, model.input_names, threads, model.info) if isinstance(model, OrtModel) else model
-
-
-def file_bytes(model: nn.Module) -> int:
-    from ..core.measure import state_dict_bytes
-
-    return int(getattr(model, "file_bytes", 0) or state_dict_bytes(model))
-
-
-class PlanEvaluator:
-    """Applies a policy's recipe stages to ``model`` as the runner does, scores them on the val
-    split and times the result at ``threads`` against the fp32 ``model`` (interleaved, same run).
-    One evaluation per distinct plan (``cache``); ``keep`` models of the most faithful plans
-    within the budget (plus ``margin``: the final measurement on more data decides) are kept."""
-
-    def __init__(self, model: nn.Module, task: Task, space: TransformerSpace, base: dict[str, Any],
-                 timing_batches: list[Any], budget: float = 0.33, threads: int = 1, repeats: int = 5,
-                 keep: int = 3, margin: float = 0.1, log: Any = print):
-        check(0 < budget <= 1, "PlanEvaluator.budget", f"must be a latency ratio in (0, 1], got {budget}")
-        self.model, self.task, self.space, self.base = model, task, space, base
-        self.batches, self.budget, self.threads, self.repeats, self.keep = timing_batches, budget, threads, repeats, keep
-        self.margin = margin
-        self.cache: dict[str, dict[str, Any]] = {}
-        self.models: dict[str, nn.Module] = {}
-        self.records: list[dict[str, Any]] = []
-        self.last_model: nn.Module | None = None  # the model of the latest plan built (not cached)
-        self.log = log
-
-    def runner(self, model: nn.Module):
-        return lambda: [call_model(model, b) for b in self.batches]
-
-    def build(self, policy: TransformerPolicy) -> nn.Module:
-        from .policy import evaluate
-
-        model, _ = evaluate(self.model, to_recipe(policy, self.space, self.base), self.task, splits=())
-        return model.eval()
-
-    def __call__(self, policy: TransformerPolicy, maker: str = "tpe") -> dict[str, Any]:
-        from ..core.measure import compare_latency
-
-        key = policy.key()
-        if key in self.cache:
-            rec = dict(self.cache[key], maker=maker, cached=True)
-            self.records.append(rec)
-            return rec
-        t0 = time.perf_counter()
-        model = self.last_model = self.build(policy)
-        built_s = time.perf_counter() - t0
-        fid = self.task.evaluate_all(model, "val")
-        lat = compare_latency({"fp32": self.runner(self.model), "plan": self.runner(at_threads(model, self.threads))},
-                              warmup=1, repeats=self.repeats, threads=self.threads)
-        ratio = lat["plan"]["median_ms"] / lat["fp32"]["median_ms"]
-        rec = {"policy": policy.to_dict(), "maker": maker, "val_cosine": fid[self.task.metric_name],
-               "val_top10": fid.get("top10_agreement"), "latency_ratio": ratio, "feasible": ratio <= self.budget,
-               "plan_ms": lat["plan"]["median_ms"], "fp32_ms": lat["fp32"]["median_ms"],
-               "macs_ratio": macs_per_token(policy, self.space) / macs_per_token(TransformerPolicy(), self.space),
-               "file_mb": file_bytes(model) / 1e6, "build_seconds": built_s, "seconds": time.perf_counter() - t0,
-               "cpu_share": lat["fp32"]["load"].get("cpu_share"), "index": len(self.cache)}
-        self.cache[key] = rec
-        self.records.append(rec)
-        if ratio <= self.budget * (1 + self.margin):
-            self.models[key] = model
-            best = sorted((self.cache[k] for k in self.models), key=lambda r: -r["val_cosine"])[: self.keep]
-            self.models = {json.dumps(r["policy"], sort_keys=True): self.models[json.dumps(r["policy"], sort_keys=True)]
-                           for r in best}
-        self.log(f"  plan {rec['index']} ({maker}): val cos {rec['val_cosine']:.4f}, {ratio:.3f}x fp32, "
-                 f"{rec['file_mb']:.1f} MB, {rec['seconds']:.0f}s")
-        return rec
-
-
-def run_tpe(ev: PlanEvaluator, n_trials: int, seed: int = 0, enqueue: tuple[TransformerPolicy, ...] = (),
-            timeout: float | None = None) -> list[dict[str, Any]]:
-    """Optuna TPE (in memory) maximizing val mean cosine under latency ratio <= ev.budget
-    (``constraints_func``: a trial over budget counts as infeasible). ``enqueue`` plans are the
-    first trials (counted in ``n_trials``); ``timeout`` (s) stops starting new trials. Returns one
-    record per trial."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, n_trials // 3)), multivariate=True,
-                                         constraints_func=lambda t: (t.user_attrs["latency_ratio"] - ev.budget,))
-    st = optuna.create_study(direction="maximize", sampler=sampler)
-    for p in enqueue:
-        st.enqueue_trial(trial_params(p, ev.space))
-    out = []
-
-    def objective(trial: optuna.Trial) -> float:
-        rec = ev(suggest(trial, ev.space), maker="enqueued" if trial.number < len(enqueue) else "tpe")
-        trial.set_user_attr("latency_ratio", rec["latency_ratio"])
-        out.append(dict(rec, trial=trial.number))
-        return rec["val_cosine"]
-
-    st.optimize(objective, n_trials=n_trials, timeout=timeout)
-    return out
-
-
-def best_feasible(records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The most faithful (val mean cosine) record within the budget, or None."""
-    ok = [r for r in records if r["feasible"]]
-    return max(ok, key=lambda r: (r["val_cosine"], -r["latency_ratio"])) if ok else None
-
-
-__all__ = ["CHOICES", "GROUPS", "EncoderLayer", "PlanEvaluator", "TransformerPolicy", "TransformerSpace",
-           "at_threads", "best_feasible", "build_transformer_space", "layers_field_available", "macs_per_token",
-           "run_tpe", "suggest", "to_recipe", "to_stages", "trial_params", "uniform_policy"]
+__all__ = ["CHOICES", "GROUPS", "EncoderLayer", "TransformerPolicy", "TransformerSpace", "build_transformer_space",
+           "layers_field_available", "macs_per_token", "suggest", "to_recipe", "to_stages", "trial_params",
+           "uniform_policy"]

@@ -25,7 +25,13 @@ def is_search_summary(data: Any) -> bool:
 
 
 def cost_key(summary: dict[str, Any]) -> str:
-    return "latency_ratio" if summary.get("budget", {}).get("kind") == "latency" else "macs_ratio"
+    """The trial field the budget bounds: latency, MACs, or (a transformer search's) file size."""
+    kind = summary.get("budget", {}).get("kind")
+    return {"latency": "latency_ratio", "size": "size_ratio"}.get(kind, "macs_ratio")
+
+
+def _transformer(summary: dict[str, Any]) -> bool:
+    return isinstance(summary.get("space"), dict) and summary["space"].get("kind") == "transformer"
 
 
 @styled
@@ -59,7 +65,8 @@ def trials_chart(trials: list[dict[str, Any]], summary: dict[str, Any]) -> Any:
         ax.set_xlim(*xr)
     if yr:
         ax.set_ylim(*yr)
-    what = "measured-latency table" if key == "latency_ratio" else "MACs"
+    what = {"latency_ratio": "latency, measured end to end" if _transformer(summary) else "measured-latency table",
+            "size_ratio": "file size"}.get(key, "MACs")
     ax.set_xlabel(f"cost ({what}) as a share of the unpruned model")
     ax.set_ylabel("val metric")
     ax.set_title(f"{len(pts)} trials of a {summary.get('method', '?')} search")
@@ -76,7 +83,8 @@ def _summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     if top:
         rows += [("answer: val", f"{top.get('val', float('nan')):.4f}"),
                  ("answer: test", f"{top.get('test', float('nan')):.4f}"),
-                 (f"answer: {key.replace('_', ' ')} (predicted)", f"{top.get(key, float('nan')):.3f}x")]
+                 (f"answer: {key.replace('_', ' ')} ({'in the search' if _transformer(summary) else 'predicted'})",
+                  f"{top.get(key, float('nan')):.3f}x")]
     if summary.get("measured_latency_ratio") is not None:
         rows.append(("answer: latency measured end to end", f"{summary['measured_latency_ratio']:.3f}x"))
     if not top:
