@@ -85,7 +85,8 @@ def test_exact_macs_params_and_widths(trained, task):
         assert graph.layer_widths(m) == cm.widths(p)
         assert cm.macs(p) == count_macs(m, ex)  # closed form == counted on the real pruned model
         counts = cm.counts(model, p, ex)
-        assert counts == {"params": count_params(m), "nonzeros": count_nonzeros(m)}
+        # a float policy's stored bytes: 4 per non-zero (size budgets compare bytes)
+        assert counts == {"params": count_params(m), "nonzeros": count_nonzeros(m), "bytes": 4 * count_nonzeros(m)}
         w = dict(m.named_parameters())["layers.2.conv1.weight"]
         assert abs(float((w == 0).float().mean()) - 0.5) <= 1.0 / w.numel() + 1e-9
 

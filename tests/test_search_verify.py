@@ -134,18 +134,20 @@ def _recipe(tmp_path, **search):
 
 def test_latency_search_writes_only_a_policy_measured_within_budget(tmp_path):
     out = tmp_path / "out"
-    rc = run_search(_recipe(tmp_path, method="random"), out, log=lambda s: None)
+    # 0.75x: the narrowest widths time at ~0.6x of full here (0.618x once under load), so at 0.6x a
+    # busy machine could leave no trial inside the budget and nothing to check
+    rc = run_search(_recipe(tmp_path, method="random", budget={"latency": "0.75x"}), out, log=lambda s: None)
     summary = json.loads((out / "search.json").read_text())
     checks = summary["latency_checks"]
     assert checks and all(c["block_ratios"] and c["measured_ratio"] > 0 for c in checks)
-    if summary["budget_held"]:  # a policy was timed within 0.6x (+2%): that one is written
+    if summary["budget_held"]:  # a policy was timed within 0.75x (+2%): that one is written
         assert rc == 0 and (out / "best_recipe.yaml").exists()
-        assert summary["measured_latency_ratio"] == checks[-1]["measured_ratio"] <= 0.6 * 1.02
+        assert summary["measured_latency_ratio"] == checks[-1]["measured_ratio"] <= 0.75 * 1.02
         assert summary["best"]["index"] == checks[-1]["index"]
-        assert summary["budget_margin_pct"] == pytest.approx(100 * (0.6 - checks[-1]["measured_ratio"]) / 0.6)
+        assert summary["budget_margin_pct"] == pytest.approx(100 * (0.75 - checks[-1]["measured_ratio"]) / 0.75)
     else:  # none held as measured: nothing is written, and the run says so
         assert rc == 1 and not (out / "best_recipe.yaml").exists()
-        assert all(c["measured_ratio"] > 0.6 * 1.02 for c in checks)
+        assert all(c["measured_ratio"] > 0.75 * 1.02 for c in checks)
     saved = json.loads((out / "cost.json").read_text())
     assert sum(c.get("source") == "check" for c in saved["calibration"]) == len(checks)  # recalibrated
 

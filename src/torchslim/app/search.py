@@ -266,7 +266,7 @@ def hold_budget(ev: Evaluator, spec: SearchSpec, trials: list[dict[str, Any]], o
 
 def write_outputs(ev: Evaluator, spec: SearchSpec, trials: list[dict[str, Any]], out: Path,
                   seconds: float, log) -> dict[str, Any]:
-    key = "latency_ratio" if ev.budget.kind == "latency" else "macs_ratio"
+    key = {"latency": "latency_ratio", "nonzeros": "size_ratio"}.get(ev.budget.kind, "macs_ratio")
     top = best(trials)
     held = None
     if top is not None and ev.budget.kind == "latency":

@@ -10,7 +10,8 @@ six random mixed widths
 interleaved with the full one (a monotone curve from the table's ratio to the measured one: isotonic regression).
 All table entries are timed in one interleaved round-robin and made monotone in width. ``check`` times real pruned models
 against the baseline and reports the table's error; unstructured sparsity runs on dense kernels
-here, so it changes non-zeros, never latency.
+here, so it changes non-zeros, never latency. Low-rank factorization and weight sharing are
+priced in ``lowrank_cost`` (a measured per-layer factor; sharing: no latency change).
 """
 
 from __future__ import annotations
@@ -30,16 +31,20 @@ from ..core.task import Task, call_model
 from ..core.utils import removing
 from ..pruning import graph
 from ..pruning.structured import layer_macs
+from . import lowrank_cost
 from .space import Policy, SearchSpace
 
 
 def materialize(model: nn.Module, space: SearchSpace, policy: Policy, example: Any) -> nn.Module:
     """A physically pruned copy with the policy's widths (which channels go is irrelevant to
-    cost: the highest-indexed ones) and its unstructured sparsity as zeros; for counting/timing."""
+    cost: the highest-indexed ones), its factorized layers really factorized (``lowrank``'s own
+    SVD, ``lowrank_cost.factorize``) and its unstructured sparsity as zeros; for counting/timing.
+    Weight sharing is not applied (it changes bytes, counted by ``counts``, not the shapes)."""
     out = copy.deepcopy(model).eval()
     plan = {g.root: list(range(space.width(g, policy.keep.get(g.root, 1.0)), g.channels)) for g in space.groups}
     if any(plan.values()):
         graph.prune_plan(out, plan, example)
+    lowrank_cost.factorize(out, space, policy, example)
     params = dict(out.named_parameters())
     with torch.no_grad():
         for layer, s in policy.sparsity.items():
@@ -53,13 +58,7 @@ def materialize(model: nn.Module, space: SearchSpace, policy: Policy, example: A
 
 def _wire(space: SearchSpace) -> dict[str, tuple[str | None, str | None]]:
     """layer -> (group root its inputs follow, group root its outputs follow)."""
-    out: dict[str, list[str | None]] = {n: [None, None] for n in space.layers}
-    for g in space.groups:
-        for m in g.members:
-            out.setdefault(m, [None, None])[1] = g.root
-        for m in g.inputs:
-            out.setdefault(m, [None, None])[0] = g.root
-    return {k: (v[0], v[1]) for k, v in out.items()}
+    return space.wire()
 
 
 def _layer_like(mod: nn.Module, c_in: int, c_out: int) -> nn.Module:
@@ -96,19 +95,36 @@ class CostModel:
         return out
 
     def macs(self, policy: Policy) -> float:
+        """Exact MACs: a factorized layer's are its pruned-width MACs times the pair's share
+        (``lowrank_cost.mac_factor``)."""
         w = self.widths(policy)
-        return float(sum(m * (w[n][0] / self.base_widths[n][0]) * (w[n][1] / self.base_widths[n][1])
+        f = lowrank_cost.mac_factor(self.space, policy) if policy.rank else {}
+        return float(sum(m * (w[n][0] / self.base_widths[n][0]) * (w[n][1] / self.base_widths[n][1]) * f.get(n, 1.0)
                          for n, m in self.base_macs.items()))
 
     def latency_ms(self, policy: Policy) -> float:
+        """The table's time: each layer's interpolated time, a factorized layer's times its
+        measured pair factor (``lowrank_cost``); share bits change nothing (dense kernels)."""
         w = self.widths(policy)
+        ranks = self.space.ranks_of(policy) if policy.rank else {}
         total = 0.0
         for layer, t in self.tables.items():
-            ci, co = w[layer]
-            ms = np.asarray(t["ms"])  # rows: input widths, columns: output widths
-            row = [float(np.interp(co, t["out"], ms[i])) for i in range(len(t["in"]))]
-            total += float(np.interp(ci, t["in"], row))
+            ms = lowrank_cost.interp(t, "ms", *w[layer])
+            total += ms * lowrank_cost.time_factor(t, policy.rank[layer]) if layer in ranks else ms
         return total
+
+    def int8_table_ratio(self, policy: Policy) -> float:
+        """The int8 table's ratio of a policy with an int8 stage: shared and factorized layers
+        stay float there (``SearchSpace.float_layers``); a factorized layer is priced at the
+        table's ONNX Runtime fp32 time times its pair factor (measured in eager fp32: an
+        approximation the end-to-end check corrects)."""
+        w = self.widths(policy)
+        t8 = self.int8.table_ratio(w, self.space.float_layers(policy), policy.granularity or "per_channel")
+        for layer in self.space.ranks_of(policy) if policy.rank else {}:
+            if layer in self.int8.tables:
+                f = lowrank_cost.time_factor(self.tables.get(layer), policy.rank[layer])
+                t8 += (f - 1.0) * lowrank_cost.interp(self.int8.tables[layer], "fp32", *w[layer]) / self.int8.eager_ms
+        return t8
 
     def table_ratio(self, policy: Policy) -> float:
         """The table's latency ratio to the unpruned model, before the calibration curve."""
@@ -117,20 +133,27 @@ class CostModel:
     def cost(self, policy: Policy) -> dict[str, float]:
         full = Policy({r: 1.0 for r in self.space.roots})
         out = {"macs_ratio": self.macs(policy) / max(self.macs(full), 1.0)}
+        # Beyond the curve's last point (the full model) the ratio grows in proportion: only
+        # factorized layers (a pair can be slower than its dense layer) get there, so policies
+        # without ranks keep their prices (the int8 curve's clamp there stays as it was)
         if self.tables and policy.keep_float is not None and self.int8 is not None:
-            t8 = self.int8.table_ratio(self.widths(policy), policy.keep_float, policy.granularity or "per_channel")
-            out["latency_ratio"] = self.int8.ratio(t8)
+            t8, (xs, ys) = self.int8_table_ratio(policy), self.int8.curve
+            beyond = policy.rank and t8 > xs[-1]
+            out["latency_ratio"] = t8 * ys[-1] / xs[-1] if beyond else self.int8.ratio(t8)
         elif self.tables:
             table = self.table_ratio(policy)
             xs, ys = self.curve
             # inside the calibrated range: the curve; below it: proportional to its first point
-            out["latency_ratio"] = float(np.interp(table, xs, ys)) if table >= xs[0] else table * ys[0] / max(xs[0], 1e-12)
+            out["latency_ratio"] = (float(np.interp(table, xs, ys)) if xs[0] <= table <= xs[-1] else
+                                    table * (ys[0] / max(xs[0], 1e-12) if table < xs[0] else ys[-1] / xs[-1]))
         return out
 
     def counts(self, model: nn.Module, policy: Policy, example: Any) -> dict[str, int]:
-        """Exact parameters and non-zeros of the policy's model (counted on a materialized copy)."""
+        """Exact parameters, non-zeros and stored weight bytes of the policy's model (counted on
+        a materialized copy; bytes: ``lowrank_cost.weight_bytes``, fp32 / int8 / shared)."""
         m = materialize(model, self.space, policy, example)
-        return {"params": count_params(m), "nonzeros": count_nonzeros(m)}
+        return {"params": count_params(m), "nonzeros": count_nonzeros(m),
+                "bytes": lowrank_cost.weight_bytes(m, self.space, policy)}
 
     def to_dict(self) -> dict[str, Any]:
         return {"tables": self.tables, "curve": self.curve,
@@ -210,16 +233,19 @@ def build_cost_model(model: nn.Module, space: SearchSpace, task: Task, batch_siz
                 torch.manual_seed(0)
                 lay = _layer_like(mod, a, b).eval()
                 cands[f"{k}:{a}x{b}"] = (lambda lay=lay, x=x: lay(x))
-    res = compare_latency(cands, warmup=2, repeats=repeats, threads=threads)
+    pairs, plan = lowrank_cost.pair_candidates(space, keys, layouts, xs)  # with ranks: pair vs dense layer
+    res = compare_latency({**cands, **pairs}, warmup=2, repeats=repeats, threads=threads)
     basis = _basis(res)
     cm.notes += [f"table: {w}" for w in timing_warnings(res)]
-    tables = {}
+    tables, factors = {}, lowrank_cost.pair_factors(res, basis, plan)
     for k, (key, (_, ins, outs, _, _)) in enumerate(layouts.items()):
         ms = np.asarray([[res[f"{k}:{a}x{b}"][basis] for b in outs] for a in ins])
         # a wider layer is never faster: noise that says otherwise is removed (running max
         # along both axes), so the table is monotone like the cost it stands for
         ms = np.maximum.accumulate(np.maximum.accumulate(ms, axis=0), axis=1)
         tables[key] = {"in": ins, "out": outs, "ms": ms.tolist()}
+        if k in factors:
+            tables[key]["lowrank"] = factors[k]
     cm.tables = {layer: tables[key] for layer, key in keys.items()}
     _calibrate_rest(cm, model, space, inputs, threads, repeats)
     return cm

@@ -77,7 +77,7 @@ def granularity_of(policy: Policy) -> str:
 
 def table_ratio(cm: CostModel, policy: Policy) -> float:
     assert cm.int8 is not None and policy.keep_float is not None
-    return cm.int8.table_ratio(cm.widths(policy), policy.keep_float, granularity_of(policy))
+    return cm.int8_table_ratio(policy)  # shared / factorized layers priced as cost() prices them
 
 
 def _data_task(x: torch.Tensor) -> Task:

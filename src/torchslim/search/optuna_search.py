@@ -57,7 +57,17 @@ def suggest(trial: optuna.Trial, ev: Evaluator) -> Policy:
     if space.int8:
         keep_float = tuple(n for n in space.layers if trial.suggest_categorical(f"float:{n}", [False, True]))
         granularity = trial.suggest_categorical("int8:granularity", list(GRANULARITIES))
-    return Policy(keep, sparsity, keep_float, granularity)
+    # new dimensions under new names, asked after the old ones: a resumed study's parameters keep
+    # their names; 1.0 = not factorized, 0 = not shared (clip then applies the constraints)
+    rank, share = {}, {}
+    if space.ranks:
+        for layer in space.shapes:  # the factorizable layers (never the classifier)
+            rank[layer] = trial.suggest_categorical(f"rank:{layer}", [1.0, *(float(r) for r in space.ranks)])
+    if space.share_bits:
+        for layer in space.layers:
+            share[layer] = trial.suggest_categorical(f"share:{layer}", [0, *(int(b) for b in space.share_bits)])
+    return Policy(keep, sparsity, keep_float, granularity, {k: v for k, v in rank.items() if v < 1.0},
+                  {k: v for k, v in share.items() if v > 0})
 
 
 def study(method: str, storage: Any, name: str, seed: int, n_trials: int) -> optuna.Study:

@@ -2,9 +2,13 @@
 
 Per-group keep ratios become one ``structured_prune`` stage per distinct ratio
 (``channel_keep`` = the ratio, ``layers.exclude`` = the output layers of every other group, so each
-stage touches exactly its own groups); per-layer sparsities one ``prune`` stage
-(``per_layer``); one ``train`` stage fine-tunes; keep-float choices one ``quantize`` stage
-(``layers.exclude``). The techniques never learn that a search wrote the recipe.
+stage touches exactly its own groups); per-layer low-rank shares one ``lowrank`` stage (a rank per
+layer, computed at the widths the structured stages leave: ``SearchSpace.ranks_of``); per-layer
+sparsities one ``prune`` stage (``per_layer``); one ``train`` stage fine-tunes; per-layer share
+bits one ``share`` stage after it (k-means of the fine-tuned weights, no centroid fine-tune of
+its own); keep-float choices one ``quantize`` stage (``layers.exclude``: the keep-float layers,
+every shared layer and both factors of every factorized layer, ``SearchSpace.float_layers``).
+The techniques never learn that a search wrote the recipe.
 
 ``evaluate`` applies those very stages the way the runner does (stage ``i`` seeded with
 ``seed + i + 1``, fine-tune through ``fit`` with the techniques' training hooks), so the metric
@@ -41,6 +45,9 @@ def to_stages(policy: Policy, space: SearchSpace, finetune: dict[str, Any] | Non
         others = sorted({m for g in space.groups if g.root not in roots for m in g.members})
         stages.append({"name": f"keep-{keep:.3f}", "structured_prune": {
             "macs_keep": None, "channel_keep": keep, "criterion": criterion, "layers": {"exclude": others}}})
+    ranks = space.ranks_of(policy)
+    if ranks:  # every listed layer factorized: no MAC-saving threshold, the rank already saves
+        stages.append({"lowrank": {"rank": ranks, "layers": list(ranks), "min_mac_saving": 0.0, "min_saved_macs": 0}})
     sparse = {k: float(v) for k, v in policy.sparsity.items() if v > 0}
     if sparse:
         # PruneConfig scales per_layer by (sparsity now / sparsity) and gives unlisted selected
@@ -49,13 +56,25 @@ def to_stages(policy: Policy, space: SearchSpace, finetune: dict[str, Any] | Non
                                  "layers": sorted(sparse), "scope": "layer"}})
     if finetune is not None:  # {} = a fine-tune with TrainConfig's defaults; None = none
         stages.append({"name": "finetune", "train": dict(finetune)})
+    if policy.share:  # sharing clusters the trained weights, so it comes after the fine-tune
+        stages.append({"share": {"bits": {k: int(v) for k, v in policy.share.items()}, "layers": list(policy.share)}})
     if policy.keep_float is not None:
         # ONNX Runtime's static int8 kernels: what the int8 latency table priced (int8_cost.py)
         q = dict(quantize or {"bits": 8, "mode": "static", "backend": space.int8_backend})
-        q["layers"] = {"exclude": list(policy.keep_float)}
+        q["layers"] = {"exclude": int8_exclude(policy, space)}
         q.setdefault("granularity", policy.granularity or "per_channel")
         stages.append({"quantize": q})
     return stages
+
+
+def int8_exclude(policy: Policy, space: SearchSpace) -> list[str]:
+    """The module names an int8 stage leaves float: ``space.float_layers`` with a factorized
+    layer as its two factors (``name.0``, ``name.1``: the modules of its ``LowRankPair``)."""
+    out: list[str] = []
+    ranks = space.ranks_of(policy)
+    for n in space.float_layers(policy) or ():
+        out += [f"{n}.0", f"{n}.1"] if n in ranks else [n]
+    return out
 
 
 def to_recipe(policy: Policy, space: SearchSpace, base: dict[str, Any], finetune: dict[str, Any] | None,

@@ -16,6 +16,7 @@ so the per-layer bit width is left to the makers that measure it (the RL agent, 
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 from collections.abc import Callable
@@ -38,7 +39,9 @@ GRANULARITY = "per_channel"  # the rules' int8 weight scales (the accurate one; 
 
 @dataclass(frozen=True)
 class Budget:
-    """kind: "latency" (measured table), "macs" (exact) or "nonzeros" (exact, fp32 bytes / 4);
+    """kind: "latency" (measured table), "macs" (exact) or "nonzeros" (a size budget, exact:
+    stored weight bytes, fp32 4 bytes per non-zero, int8 1, a shared layer its index bits plus
+    codebook; for a float policy without sharing the old fp32 non-zeros ratio exactly);
     ratio: the most the compressed model may cost, as a share of the unpruned model (0, 1]."""
 
     kind: str = "latency"
@@ -68,13 +71,14 @@ def _bisect(family: Callable[[float], Policy], cost: CostFn, ratio: float, hi: f
 
 def fit_budget(raw: Policy, space: SearchSpace, cost: CostFn, ratio: float) -> tuple[Policy, bool]:
     """Scale raw's keep ratios together (proportions kept, clipped to [keep_min, 1]) to the
-    widest policy within ``ratio``; (policy, feasible). Sparsity and keep-float pass through."""
+    widest policy within ``ratio``; (policy, feasible). Sparsity, keep-float, ranks and share bits
+    pass through."""
     top = max([raw.keep.get(r, 1.0) for r in space.roots] + [1e-6])
 
     def family(a: float) -> Policy:
         s = 1.0 - a
         keep = {r: raw.keep.get(r, 1.0) / top * s for r in space.roots}
-        return space.clip(Policy(keep, raw.sparsity, raw.keep_float, raw.granularity))
+        return space.clip(Policy(keep, raw.sparsity, raw.keep_float, raw.granularity, raw.rank, raw.share))
 
     return _bisect(family, cost, ratio, 1.0)
 
@@ -87,7 +91,8 @@ def weighted(weights: dict[str, float], space: SearchSpace, cost: CostFn, ratio:
     base = base or int8_base(space)
 
     def family(a: float) -> Policy:
-        return space.clip(Policy({r: 1.0 - a * w[r] for r in space.roots}, base.sparsity, base.keep_float, base.granularity))
+        return space.clip(Policy({r: 1.0 - a * w[r] for r in space.roots}, base.sparsity, base.keep_float, base.granularity,
+                                 base.rank, base.share))
 
     return _bisect(family, cost, ratio, hi)
 
@@ -178,9 +183,8 @@ def user_rules(rules: list[dict[str, Any]], space: SearchSpace, cost: CostFn, ra
     w = {r: weights.get(r, 1.0) for r in free}
 
     def fixed_cost(p: Policy) -> float:
-        return cost(Policy({**p.keep, **fixed}, p.sparsity, p.keep_float, p.granularity))
+        return cost(Policy({**p.keep, **fixed}, p.sparsity, p.keep_float, p.granularity, p.rank, p.share))
 
-    sub = SearchSpace([g for g in space.groups if g.root in free], space.layers, space.classifier,
-                      space.keep_min, space.sparsities, space.int8, space.step, space.int8_backend)
+    sub = dataclasses.replace(space, groups=[g for g in space.groups if g.root in free])
     pol, ok = weighted(w, sub, fixed_cost, ratio, base)
-    return space.clip(Policy({**pol.keep, **fixed}, {}, pol.keep_float, pol.granularity)), ok
+    return space.clip(Policy({**pol.keep, **fixed}, {}, pol.keep_float, pol.granularity, pol.rank, pol.share)), ok

@@ -3,8 +3,8 @@
 The evaluator fits the raw proposal to the budget (``rules.fit_budget``), writes it as recipe
 stages (``policy.to_stages``), runs them on the trained model the way ``torchslim run`` does
 (``policy.evaluate``: structured pruning, sparsity, a short fine-tune) and returns a record:
-the policy, val and test metric, predicted latency ratio, exact MACs ratio, parameters and
-non-zeros, seconds. The objective is the *val* metric; test is reported, never optimized.
+the policy, val and test metric, predicted latency ratio, exact MACs ratio, parameters,
+non-zeros and stored weight bytes, seconds. The objective is the *val* metric; test is reported, never optimized.
 
 With ``journal`` (a file of JSON lines, one per evaluated policy, keyed by the policy) the
 evaluator resumes: a policy the log already holds is answered from it (``resumed: true``) instead
@@ -52,22 +52,28 @@ class Evaluator:
     trials: list[dict[str, Any]] = field(default_factory=list)
     _cache: dict[str, dict[str, Any]] = field(default_factory=dict)
     _done: dict[str, dict[str, Any]] = field(default_factory=dict)
-    _base_nonzeros: int | None = None
+    _base_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.journal is not None:
             self._done = read_journal(self.journal)
 
     def cost(self, p: Policy) -> float:
-        """The budgeted quantity of p as a share of the unpruned model's."""
+        """The budgeted quantity of p as a share of the unpruned model's. The ``nonzeros`` kind
+        (a size budget) compares stored weight bytes (``CostModel.counts``: fp32 4 bytes per
+        non-zero, int8 1, shared layers their index bits + codebook): for a float policy without
+        sharing that is exactly the non-zeros ratio it compared before (4 * nz / 4 * base nz)."""
         if self.budget.kind == "latency":
             return self.cost_model.cost(p)["latency_ratio"]
         if self.budget.kind == "macs":
             return self.cost_model.cost(p)["macs_ratio"]
-        example = self.task.example_inputs(batch_size=1)
-        if self._base_nonzeros is None:
-            self._base_nonzeros = self.cost_model.counts(self.model, Policy(), example)["nonzeros"]
-        return self.cost_model.counts(self.model, p, example)["nonzeros"] / self._base_nonzeros
+        return self.cost_model.counts(self.model, p, self.task.example_inputs(batch_size=1))["bytes"] / self.base_bytes()
+
+    def base_bytes(self) -> int:
+        """The unpruned float model's stored weight bytes (the size budget's denominator)."""
+        if self._base_bytes is None:
+            self._base_bytes = self.cost_model.counts(self.model, Policy(), self.task.example_inputs(batch_size=1))["bytes"]
+        return self._base_bytes
 
     def fit(self, raw: Policy) -> tuple[Policy, bool]:
         return fit_budget(self.space.clip(raw), self.space, self.cost, self.budget.ratio)
@@ -96,6 +102,7 @@ class Evaluator:
         counts = self.cost_model.counts(self.model, p, self.task.example_inputs(batch_size=1))
         rec = {"index": len(self.trials), "maker": maker, "policy": p.to_dict(), "feasible": ok if feasible is None else feasible,
                "val": metrics["val"], "test": metrics["test"], **c, **counts,
+               "size_ratio": counts["bytes"] / self.base_bytes(),  # what a size budget bounds
                "seconds": round(time.perf_counter() - t0, 3), "cached": False}
         self._cache[key] = rec
         if self.journal is not None:

@@ -39,8 +39,10 @@ def measure_ratio(cm: CostModel, model: nn.Module, policy: Policy, task: Task, b
     pruned = materialize(model, cm.space, policy, example1)
     if policy.keep_float is not None and cm.int8 is not None:  # as shipped: the ORT int8 graph
         from .int8_cost import granularity_of, ort_int8
+        from .policy import int8_exclude
 
-        pruned = ort_int8(pruned, example1, task, granularity_of(policy), policy.keep_float, threads)
+        # float: keep_float + shared layers + both factors of a factorized one (as the recipe)
+        pruned = ort_int8(pruned, example1, task, granularity_of(policy), tuple(int8_exclude(policy, cm.space)), threads)
     ratios, warnings, bases = [], [], []
     for _ in range(blocks):
         res = compare_latency({"base": lambda: call_model(model, inputs),
@@ -61,9 +63,7 @@ def recalibrate(cm: CostModel, policy: Policy, measured: float) -> None:
     int8 table's, for a policy with an int8 stage)."""
     target, table = cm, cm.table_ratio
     if policy.keep_float is not None and cm.int8 is not None:
-        from .int8_cost import table_ratio
-
-        target, table = cm.int8, lambda p: table_ratio(cm, p)
+        target, table = cm.int8, cm.int8_table_ratio  # the ratio cost() prices the policy at
     target.calibration.append({"keep": policy.to_dict()["keep"], "table_ratio": float(table(policy)),
                                "measured_ratio": float(measured), "source": "check"})
     fit_curve(target)

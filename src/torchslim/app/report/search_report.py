@@ -27,7 +27,7 @@ def is_search_summary(data: Any) -> bool:
 def cost_key(summary: dict[str, Any]) -> str:
     """The trial field the budget bounds: latency, MACs, or (a transformer search's) file size."""
     kind = summary.get("budget", {}).get("kind")
-    return {"latency": "latency_ratio", "size": "size_ratio"}.get(kind, "macs_ratio")
+    return {"latency": "latency_ratio", "size": "size_ratio", "nonzeros": "size_ratio"}.get(kind, "macs_ratio")
 
 
 def _transformer(summary: dict[str, Any]) -> bool:
