@@ -218,3 +218,19 @@ def test_keep_float_choices_become_a_quantize_stage(trained, task):
     assert stages[-1].config.layers.exclude == ("stem.0", "fc") and stages[-1].config.bits == 8
     _, metrics = evaluate(model, recipe, task)  # ONNX Runtime int8 with those layers kept float
     assert 0.0 <= metrics["test"] <= 1.0
+
+
+def test_resumed_random_search_draws_new_policies(tmp_path):
+    """A resumed study's sampler is reseeded: seeded as before, random search would draw the
+    finished policies again (answered from the cache: trials spent, nothing new learnt)."""
+    path = _recipe(tmp_path, method="random")
+    path.write_text(path.read_text().replace("trials: 4", "trials: 2"))
+    out = tmp_path / "out"
+    assert run_search(path, out, log=lambda s: None) == 0
+    first = json.loads((out / "trials.json").read_text())
+    path.write_text(path.read_text().replace("trials: 2", "trials: 4"))
+    assert run_search(path, out, resume=True, log=lambda s: None) == 0
+    again = json.loads((out / "trials.json").read_text())
+    seen = {json.dumps(t["policy"], sort_keys=True) for t in first}
+    assert len(again) == 4 and not any(t.get("cached") for t in again[2:])
+    assert not seen & {json.dumps(t["policy"], sort_keys=True) for t in again[2:]}

@@ -106,6 +106,8 @@ def run(ev: Evaluator, method: str, n_trials: int, storage: Any, name: str, seed
         for rec in records(st)[:n_trials]:
             ev.bar.add(rec)
     if done < n_trials:
+        if st.trials:  # resumed: a sampler seeded as before would draw the finished policies again
+            st.sampler = _sampler(method, seed + len(st.trials), n_trials)
         st.optimize(objective, n_trials=n_trials - done, catch=())
     return records(st)
 
