@@ -41,44 +41,29 @@ from typing import Any
 import torch
 import yaml
 
-from ..core.config_base import to_dict
 from ..core.isa import machine_facts
-from ..core.train import TrainConfig, fit
-from ..core.utils import atomic_write_text, seed_everything
-from ..export.weights import load_weights, save_weights
+from ..core.utils import atomic_write_text
 from ..search import cost as cost_mod
 from ..search import int8_cost, optuna_search, rules, verify
 from ..search.space import Policy, build_space
 from ..search.trials import Evaluator, TrialBar, best, pareto
-from ..zoo import build_model, build_task
-from .recipe import load_recipe
-from .search_spec import MANY, METHODS, SearchSpec, TableSpec, parse_budget, read_search_recipe
+from .search_spec import (
+    MANY,
+    METHODS,
+    SearchSpec,
+    TableSpec,
+    baseline,
+    finetune_fields,
+    parse_budget,
+    read_search_recipe,
+)
 
-__all__ = ["METHODS", "OUTPUTS", "SearchSpec", "TableSpec", "parse_budget", "read_search_recipe", "run_search",
+__all__ = ["METHODS", "OUTPUTS", "SearchSpec", "TableSpec", "finetune_fields", "parse_budget", "read_search_recipe", "run_search",
            "write_outputs"]
 
 OUTPUTS = ("baseline.safetensors", "cost.json", "trials.json", "pareto.json", "best_recipe.yaml", "search.json",
            "search.db", "search.journal", "search.journal.lock", "trials.jsonl", "sensitivity.json",
            "report.html", "search-pareto.png")
-def _baseline(recipe: dict[str, Any], out: Path, resume: bool, log) -> tuple[Any, torch.nn.Module, Path]:
-    parsed = load_recipe(dict(recipe, stages=[]))
-    task = build_task(parsed.task.name, **parsed.task.kwargs)
-    seed_everything(parsed.spec.seed)
-    model = build_model(parsed.model.name, task, **parsed.model.kwargs)
-    path = out / "baseline.safetensors"
-    if resume and path.exists():
-        load_weights(model, path)
-        log(f"baseline: reusing {path}")
-    else:
-        if parsed.model.weights:
-            load_weights(model, parsed.model.weights)
-        if parsed.train is not None:
-            log(f"baseline: training {parsed.model.name} on {task.name}")
-            fit(model, task, parsed.train)
-        save_weights(model, path)
-    return task, model.eval(), path
-
-
 def _cost_model(model, space, task, recipe, spec: SearchSpec, out: Path, resume: bool, kind: str, log):
     measure = recipe.get("measure") or {}
     batch, threads = int(measure.get("batch_size", 256)), measure.get("threads", 1)
@@ -184,7 +169,7 @@ _SOURCE: list[Path] = []
 
 def _evaluator(path: Path, out: Path, resume: bool, log) -> tuple[Evaluator, SearchSpec]:
     recipe, spec = read_search_recipe(path)
-    task, model, weights = _baseline(recipe, out, resume, log)
+    task, model, weights = baseline(recipe, out, resume, log)
     space = build_space(model, task, keep_min=spec.keep_min, sparsities=tuple(spec.sparsities),
                         int8=spec.int8, step=spec.step, int8_backend=spec.int8_backend,
                         **space_extras(spec))
@@ -212,15 +197,6 @@ def space_extras(spec: SearchSpec) -> dict[str, Any]:
     if spec.share_bits:
         out["share_bits"] = tuple(int(b) for b in spec.share_bits)
     return out
-
-
-def finetune_fields(finetune: TrainConfig | None) -> dict[str, Any] | None:
-    """The per-policy fine-tune as the written recipe's ``train`` mapping: only the fields that
-    differ from TrainConfig's defaults, so best_recipe.yaml stays as short as the user wrote it."""
-    if finetune is None:
-        return None
-    data, default = to_dict(finetune), to_dict(TrainConfig())
-    return {k: v for k, v in data.items() if v != default[k]}
 
 
 def run_search(path: str | Path, out_dir: str | Path | None = None, resume: bool = False, log=print) -> int:

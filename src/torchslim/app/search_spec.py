@@ -1,5 +1,6 @@
 """The ``search:`` block of a search recipe (``SearchSpec``), its budget syntax, and reading a
-search recipe before any work (``torchslim search``; ``app/search.py`` runs it).
+search recipe before any work, and the baseline both spaces start from (``torchslim search``;
+``app/search.py`` and ``app/search_transformer.py`` run it).
 
 Two spaces: ``space: cnn`` (the default: channel groups of the dependency graph, unstructured
 sparsity, low-rank ratio and share bits per layer, int8 or float per layer; ``search.space``) and
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.bounds import bounded, count, fraction
-from ..core.config_base import config
+from ..core.config_base import config, to_dict
 from ..core.errors import ConfigError, check
 from ..core.train import TrainConfig
 from ..search import rules
@@ -158,3 +159,38 @@ def read_search_recipe(path: str | Path) -> tuple[dict[str, Any], SearchSpec]:
     data.pop("stages", None)
     load_recipe(dict(data, stages=[]))  # task/model/train/measure checked now, not an hour in
     return data, spec
+
+
+def baseline(recipe: dict[str, Any], out: Path, resume: bool, log) -> tuple[Any, Any, Path]:
+    """(task, the trained baseline model in eval mode, its weights file ``out/baseline.safetensors``):
+    trained by the recipe's ``train`` once, reused on resume; every policy or plan starts from it."""
+    from ..core.train import fit
+    from ..core.utils import seed_everything
+    from ..export.weights import load_weights, save_weights
+    from ..zoo import build_model, build_task
+
+    parsed = load_recipe(dict(recipe, stages=[]))
+    task = build_task(parsed.task.name, **parsed.task.kwargs)
+    seed_everything(parsed.spec.seed)
+    model = build_model(parsed.model.name, task, **parsed.model.kwargs)
+    path = out / "baseline.safetensors"
+    if resume and path.exists():
+        load_weights(model, path)
+        log(f"baseline: reusing {path}")
+    else:
+        if parsed.model.weights:
+            load_weights(model, parsed.model.weights)
+        if parsed.train is not None:
+            log(f"baseline: training {parsed.model.name} on {task.name}")
+            fit(model, task, parsed.train)
+        save_weights(model, path)
+    return task, model.eval(), path
+
+
+def finetune_fields(finetune: TrainConfig | None) -> dict[str, Any] | None:
+    """The per-policy fine-tune as the written recipe's ``train`` mapping: only the fields that
+    differ from TrainConfig's defaults, so best_recipe.yaml stays as short as the user wrote it."""
+    if finetune is None:
+        return None
+    data, default = to_dict(finetune), to_dict(TrainConfig())
+    return {k: v for k, v in data.items() if v != default[k]}

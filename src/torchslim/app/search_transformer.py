@@ -37,7 +37,7 @@ from ..core.utils import atomic_write_text
 from ..search import transformer_eval as te
 from ..search import transformer_space as ts
 from ..search.trials import pareto
-from .search_spec import SearchSpec, parse_budget
+from .search_spec import SearchSpec, baseline, finetune_fields, parse_budget
 
 KINDS = {"latency": "latency", "macs": "macs", "nonzeros": "size"}  # rules.Budget kind -> PlanEvaluator kind
 
@@ -88,9 +88,7 @@ def run_transformer_search(recipe: dict[str, Any], spec: SearchSpec, out: Path, 
                            log=print) -> dict[str, Any]:
     """Search ``recipe``'s model in the transformer space under ``spec``; writes the outputs (module
     doc) and returns the summary (``best`` None when no plan held the budget)."""
-    from .search import _baseline, finetune_fields
-
-    task, model, weights = _baseline(recipe, out, resume, log)
+    task, model, weights = baseline(recipe, out, resume, log)
     space = ts.build_transformer_space(model, tuple(spec.heads_keep), tuple(spec.ffn_keep), spec.ffn_multiple,
                                        drop=spec.layer_drop)
     budget = parse_budget(spec.budget, te.file_bytes(model))
