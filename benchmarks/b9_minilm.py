@@ -49,10 +49,9 @@ REFERENCES = ("torch_fp32", "ort_fp32", "openvino_fp32", "torchslim")  # torchsl
 def _arms(space):
     """The uniform arms: whole-model int8 (fused graph, and as exported), int8 + a uniform 25% FFN
     prune, int8 + SmoothQuant, and B2's recipe (FFN out in 8-bit blocks, SmoothQuant), unfused."""
-    from torchslim.search.transformer_space import uniform_policy
+    from torchslim.search.transformer_space import b2_policy, uniform_policy
 
-    b2 = uniform_policy(space, quant="int8", smooth=True, fuse=False)
-    b2.quant = {k: ("blocks" if k.endswith(":ffn_out") else v) for k, v in b2.quant.items()}
+    b2 = b2_policy(space, fuse=False)
     return {"int8_all": uniform_policy(space), "int8_all_unfused": uniform_policy(space, fuse=False),
             "int8_ffn_prune_25_unfused": uniform_policy(space, ffn_keep=0.75, fuse=False),
             "int8_smooth_unfused": uniform_policy(space, smooth=True, fuse=False), "int8_blocks_smooth_unfused": b2}

@@ -32,7 +32,6 @@ them), and an Optuna study continues from its storage (SQLite by default).
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
@@ -52,6 +51,7 @@ from .search_spec import (
     METHODS,
     SearchSpec,
     TableSpec,
+    base_recipe,
     baseline,
     finetune_fields,
     parse_budget,
@@ -179,12 +179,7 @@ def _evaluator(path: Path, out: Path, resume: bool, log) -> tuple[Evaluator, Sea
         base_bytes = 4 * probe.counts(model, Policy(), task.example_inputs(batch_size=1))["nonzeros"]
         budget = parse_budget(spec.budget, base_bytes)
     cm = _cost_model(model, space, task, recipe, spec, out, resume, budget.kind, log)
-    base = copy.deepcopy(recipe)
-    base.pop("train", None)
-    model_spec = base["model"] if isinstance(base["model"], dict) else {"name": base["model"]}
-    base["model"] = dict(model_spec, weights=str(weights.resolve()))
-    base.pop("out", None)
-    return Evaluator(model, task, space, cm, budget, base, finetune_fields(spec.finetune), log=log,
+    return Evaluator(model, task, space, cm, budget, base_recipe(recipe, weights), finetune_fields(spec.finetune), log=log,
                      journal=out / "trials.jsonl"), spec
 
 

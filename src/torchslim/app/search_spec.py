@@ -11,6 +11,8 @@ int8 / float / 8-bit blocks per Linear group; ``search.transformer_space``, run 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import re
 from dataclasses import field
 from pathlib import Path
@@ -28,11 +30,10 @@ MANY = ("random", "tpe", "nsga2", "rl")  # the makers that evaluate `trials` pol
 INT8_BACKENDS = ("onnxruntime", "simulate")
 SPACES = ("cnn", "transformer")
 TRANSFORMER_METHODS = ("tpe", "random")  # Optuna over the plans; the rules and the agent walk channel groups
-#: fields of one space only, with their defaults (a changed one under the other space is refused)
-CNN_ONLY = {"keep_min": 0.25, "step": 8, "sparsities": [], "int8": False, "rules": [], "ranks": [], "share_bits": [],
-            "int8_backend": "onnxruntime", "sensitivity_sparsity": 0.8}
-TRANSFORMER_ONLY = {"heads_keep": [1.0, 0.75, 0.5], "ffn_keep": [1.0, 0.875, 0.75, 0.5], "ffn_multiple": 64,
-                    "layer_drop": False, "timing_batches": 4}
+#: fields of one space only (one set off its default under the other space is refused)
+CNN_ONLY = ("keep_min", "step", "sparsities", "int8", "rules", "ranks", "share_bits", "int8_backend",
+            "sensitivity_sparsity")
+TRANSFORMER_ONLY = ("heads_keep", "ffn_keep", "ffn_multiple", "layer_drop", "timing_batches")
 
 
 @config
@@ -101,8 +102,8 @@ class SearchSpec:
     def __post_init__(self) -> None:
         check(self.space in SPACES, "SearchSpec.space", f"unknown space {self.space!r}; use cnn or transformer")
         other = CNN_ONLY if self.space == "transformer" else TRANSFORMER_ONLY
-        for name, default in other.items():
-            check(getattr(self, name) == default, f"SearchSpec.{name}",
+        for name in other:
+            check(getattr(self, name) == _default(name), f"SearchSpec.{name}",
                   f"is not part of the {self.space} space; remove it (or set space: "
                   f"{'cnn' if self.space == 'transformer' else 'transformer'})")
         if self.space == "transformer":
@@ -123,6 +124,23 @@ class SearchSpec:
         check(self.int8_backend in INT8_BACKENDS, "SearchSpec.int8_backend",
               f"unknown backend {self.int8_backend!r}; use {' or '.join(INT8_BACKENDS)}")
         rules.check_rules(self.rules, self.int8, "SearchSpec.")  # the user rules (bits: 8 | 32 with int8)
+
+
+def _default(name: str) -> Any:
+    """SearchSpec's default of field ``name`` (its default_factory called for a list)."""
+    f = SearchSpec.__dataclass_fields__[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def base_recipe(recipe: dict[str, Any], weights: Path) -> dict[str, Any]:
+    """The recipe every written policy or plan starts from: the search recipe without ``train``
+    (the baseline is trained once) or ``out``, its model loading the baseline's ``weights``."""
+    base = copy.deepcopy(recipe)
+    base.pop("train", None)
+    base.pop("out", None)
+    model_spec = base["model"] if isinstance(base["model"], dict) else {"name": base["model"]}
+    base["model"] = dict(model_spec, weights=str(weights.resolve()))
+    return base
 
 
 def parse_budget(budget: dict[str, Any], base_nonzero_bytes: int | None = None, where: str = "search") -> rules.Budget:

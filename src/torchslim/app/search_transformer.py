@@ -23,7 +23,6 @@ pareto.json, best_recipe.yaml, search.json, report.html (every trial a point).
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from ..core.utils import atomic_write_text
 from ..search import transformer_eval as te
 from ..search import transformer_space as ts
 from ..search.trials import pareto
-from .search_spec import SearchSpec, baseline, finetune_fields, parse_budget
+from .search_spec import SearchSpec, base_recipe, baseline, finetune_fields, parse_budget
 
 KINDS = {"latency": "latency", "macs": "macs", "nonzeros": "size"}  # rules.Budget kind -> PlanEvaluator kind
 
@@ -45,16 +44,7 @@ KINDS = {"latency": "latency", "macs": "macs", "nonzeros": "size"}  # rules.Budg
 def start_plans(space: ts.TransformerSpace) -> tuple[ts.TransformerPolicy, ...]:
     """The first trials: every group int8 on the full widths, fused (ORT's own int8 answer), and
     B2's int8 recipe (SmoothQuant on Q/K/V and FFN-in, FFN-out as 8-bit blocks)."""
-    plain = ts.uniform_policy(space, quant="int8")
-    b2 = ts.uniform_policy(space, quant="int8", smooth=True)
-    b2.quant = {k: ("blocks" if k.endswith(":ffn_out") else v) for k, v in b2.quant.items()}
-    return plain, b2
-
-
-def _describe(space: ts.TransformerSpace) -> dict[str, Any]:
-    return {"kind": "transformer", "layers": [x.name for x in space.layers], "heads": [list(h) for h in space.heads],
-            "ffn": [list(f) for f in space.ffn], "ffn_multiple": space.ffn_multiple, "per_layer": space.per_layer,
-            "layer_drop": space.drop, "groups": list(ts.GROUPS), "choices": {k: list(v) for k, v in ts.CHOICES.items()}}
+    return ts.uniform_policy(space, quant="int8"), ts.b2_policy(space)
 
 
 def _hold(ev: te.PlanEvaluator, records: list[dict[str, Any]], spec: SearchSpec, log) -> dict[str, Any]:
@@ -96,12 +86,7 @@ def run_transformer_search(recipe: dict[str, Any], spec: SearchSpec, out: Path, 
     measure = recipe.get("measure") or {}
     threads = int(measure.get("threads") or 1)
     timing = [b for i, (b, _) in enumerate(task.split("val")) if i < spec.timing_batches]
-    base = copy.deepcopy(recipe)
-    base.pop("train", None)
-    base.pop("out", None)
-    model_spec = base["model"] if isinstance(base["model"], dict) else {"name": base["model"]}
-    base["model"] = dict(model_spec, weights=str(weights.resolve()))
-    ev = te.PlanEvaluator(model, task, space, base, timing, budget=budget.ratio, threads=threads,
+    ev = te.PlanEvaluator(model, task, space, base_recipe(recipe, weights), timing, budget=budget.ratio, threads=threads,
                           repeats=spec.table.repeats, keep=spec.checks, margin=spec.tolerance, log=log, kind=kind,
                           finetune=finetune_fields(spec.finetune))
     log(f"search: transformer space, {spec.method}, {spec.trials} plan(s), budget {kind} <= {budget.ratio:.3f}x; "
@@ -121,7 +106,7 @@ def run_transformer_search(recipe: dict[str, Any], spec: SearchSpec, out: Path, 
         top_model = None if top is None else ev.build(ts.TransformerPolicy.from_dict(top["policy"]))
     if top is not None:
         top = dict(top, test=float(task.evaluate(top_model, "test")))
-    summary: dict[str, Any] = {"method": spec.method, "space": _describe(space),
+    summary: dict[str, Any] = {"method": spec.method, "space": space.describe(),
                                "budget": {"kind": kind, "ratio": budget.ratio}, "trials": len(records),
                                "distinct_plans": len(ev.cache), "seconds": round(time.perf_counter() - t0, 1),
                                "best": top, "resumed_trials": sum(bool(r.get("resumed")) for r in records),

@@ -94,6 +94,13 @@ class TransformerSpace:
                   "give every layer the same heads and FFN widths")
 
 
+    def describe(self) -> dict[str, Any]:
+        """The space as plain data (search.json's ``space``, as ``SearchSpace.describe``)."""
+        return {"kind": "transformer", "layers": [x.name for x in self.layers], "heads": [list(h) for h in self.heads],
+                "ffn": [list(f) for f in self.ffn], "ffn_multiple": self.ffn_multiple, "per_layer": self.per_layer,
+                "layer_drop": self.drop, "groups": list(GROUPS), "choices": {k: list(v) for k, v in CHOICES.items()}}
+
+
 def layers_field_available() -> bool:
     """True when ``TransformerPruneConfig`` has the one ``layers`` selection (per-layer plans)."""
     return "layers" in {f.name for f in dataclasses.fields(TransformerPruneConfig)}
@@ -167,6 +174,14 @@ def uniform_policy(space: TransformerSpace, heads_keep: float = 1.0, ffn_keep: f
     ffn = {x.name: min(space.ffn[i], key=lambda f: (abs(f - x.ffn * ffn_keep), -f)) for i, x in enumerate(space.layers)}
     q = None if quant is None else {f"{x.name}:{g}": quant for x in space.layers for g in GROUPS}
     return TransformerPolicy(heads, ffn, q, smooth, fuse)
+
+
+def b2_policy(space: TransformerSpace, fuse: bool = True) -> TransformerPolicy:
+    """B2's int8 recipe on full widths: every group int8 with SmoothQuant, FFN out as 8-bit
+    blocks of 128 (recipes/minilm_int8.yaml)."""
+    p = uniform_policy(space, quant="int8", smooth=True, fuse=fuse)
+    p.quant = {k: ("blocks" if k.endswith(":ffn_out") else v) for k, v in p.quant.items()}
+    return p
 
 
 def _fraction(removed: int, n: int) -> float:
@@ -276,6 +291,6 @@ def trial_params(policy: TransformerPolicy, space: TransformerSpace) -> dict[str
     return out
 
 
-__all__ = ["CHOICES", "GROUPS", "EncoderLayer", "TransformerPolicy", "TransformerSpace", "build_transformer_space",
-           "layers_field_available", "macs_per_token", "suggest", "to_recipe", "to_stages", "trial_params",
-           "uniform_policy"]
+__all__ = ["CHOICES", "GROUPS", "EncoderLayer", "TransformerPolicy", "TransformerSpace", "b2_policy",
+           "build_transformer_space", "layers_field_available", "macs_per_token", "suggest", "to_recipe", "to_stages",
+           "trial_params", "uniform_policy"]
