@@ -77,6 +77,7 @@ def dense_fit_digits(mode: str):
 
 
 def ddp_main(recipe, out, spy, kill, resume) -> None:
+    import faulthandler
     import json
     import signal
     from pathlib import Path
@@ -85,6 +86,7 @@ def ddp_main(recipe, out, spy, kill, resume) -> None:
     from torchslim.core import distributed
     from torchslim.pruning.masks import MaskKeeper, masks_of
 
+    faulthandler.enable()  # a C++ abort prints every thread's Python stack (CI shows only the tail)
     torch.set_num_threads(1)
     distributed.init_from_env()
     rank = distributed.rank()
@@ -115,9 +117,11 @@ def ddp_main(recipe, out, spy, kill, resume) -> None:
         except distributed.DistributedError as exc:
             result.update(fsdp_refusal=str(exc))
     (spy / f"rank{rank}.json").write_text(json.dumps(result))
-    distributed.teardown()
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["ddp"]:
+    from torchslim.core import distributed
+
     ddp_main(*sys.argv[2:])
+    distributed.teardown()  # after ddp_main returned: no wrapped model is referenced any more
     sys.exit(0)
