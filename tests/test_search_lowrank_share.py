@@ -93,7 +93,7 @@ def test_space_checks_and_describe(trained, task):
         with pytest.raises(ConfigError, match=r"^SearchSpace\.share_bits: "):
             SearchSpace([], [], None, share_bits=bad)
     with pytest.raises(ConfigError, match=r"^SearchSpace\.share_bits: ONNX Runtime"):
-        SearchSpace([], [], None, int8=True, share_bits=(4,))  # ORT would quantize the shared layer anyway
+        SearchSpace([], [], None, int8=True, share_bits=(4,))  # ORT stores a float shared layer as fp32
     SearchSpace([], [], None, int8=True, int8_backend="simulate", share_bits=(4,))
 
 

@@ -36,6 +36,7 @@ from .core.selection import Layers, layers_field
 from .core.stage import StageResult, register_stage, training_hooks
 from .core.task import Task
 from .core.train import TrainConfig, fit
+from .core.utils import materialize_parametrized
 from .export.archive import save_archive
 
 INITS = ("linear", "density", "random")
@@ -147,10 +148,8 @@ def share_layer(module: nn.Module | list[nn.Module], bits: int, cfg: ShareConfig
     """Cluster the weight of module (or of every module of a list that holds one tied weight
     Parameter) once and parametrize each with the same SharedWeight; return the record."""
     users = module if isinstance(module, list) else [module]
-    for m in users:  # e.g. shared before: start from its values
-        if parametrize.is_parametrized(m, "weight"):
-            # sets the (shared) original to the values in place, so a tie stays one Parameter
-            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    # e.g. shared before: start from its values (one Parameter for tied users; safe on a deep copy)
+    materialize_parametrized(users)
     lead = users[0]
     for m in users[1:]:
         if m.weight is not lead.weight:

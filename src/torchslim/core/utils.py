@@ -146,3 +146,36 @@ def removing(handles):
     finally:
         for handle in handles:
             handle.remove()
+
+
+@torch.no_grad()
+def materialize_parametrized(module: torch.nn.Module | list[torch.nn.Module]) -> list[str]:
+    """Turn every parametrized tensor (``torch.nn.utils.parametrize``: weight sharing's
+    ``codebook[indices] * mask``, a user's weight norm) of module and its submodules (or of the
+    modules of a list, not their submodules) into a plain
+    Parameter (requires_grad False) holding the value it computes, in place; return the names.
+
+    Not ``parametrize.remove_parametrizations``: a deep copy of a parametrized module shares the
+    class torch generated for it with the original, and removing deletes the property from that
+    class, i.e. from the original too (torch 2.13; the original then has no ``weight``). Each
+    module gets its own base class back instead. Modules that computed one weight from one
+    parametrization (tied users of a shared layer) get one Parameter, so the tie holds."""
+    from torch.nn.utils import parametrize
+
+    mods = module.named_modules() if isinstance(module, torch.nn.Module) else ((str(i), m) for i, m in enumerate(module))
+    found = [(n, m) for n, m in mods if parametrize.is_parametrized(m)]
+    made: dict[tuple, torch.nn.Parameter] = {}
+    plan = []
+    for name, mod in found:  # every value first: a tie's later user still reads the parametrization
+        for tensor, plist in mod.parametrizations.items():
+            key = (id(plist.original), *(id(p) for p in plist))
+            if key not in made:
+                made[key] = torch.nn.Parameter(getattr(mod, tensor).detach().clone(), requires_grad=False)
+            plan.append((name, mod, tensor, made[key]))
+    for _, mod, _, _ in plan:
+        if "parametrizations" in mod._modules:
+            del mod._modules["parametrizations"]
+            mod.__class__ = type(mod).__bases__[0]
+    for _, mod, tensor, value in plan:
+        setattr(mod, tensor, value)
+    return [f"{name}.{tensor}" if name else tensor for name, _, tensor, _ in plan]

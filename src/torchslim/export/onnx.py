@@ -25,12 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..core.bounds import bounded
 from ..core.config_base import config
 from ..core.errors import ExportError, check
 from ..core.utils import atomic_write, eval_mode
 from .digest import stamp_onnx_bytes, stamp_onnx_model
+from .onnx_narrow import narrow_initializers
 from .outputs import OutputSpec, flatten, output_spec
 
 EXPORTERS = ("torchscript", "dynamo", "auto")
@@ -119,9 +121,11 @@ def _export_checked(model: nn.Module, example_inputs: Any, path: Path, cfg: Onnx
     dims = _dynamic_dims(example_inputs, names, cfg)
     order = {"auto": ("dynamo", "torchscript"), "dynamo": ("dynamo",), "torchscript": ("torchscript",)}[cfg.exporter]
     errors: list[str] = []
+    narrow = any(parametrize.is_parametrized(m) for m in model.modules())  # computed weights (onnx_narrow.py)
     for exporter in order:
         try:
-            atomic_write(path, lambda p, ex=exporter: _export_one(wrapped, args, names, dims, p, cfg.opset, ex, spec.names()))
+            atomic_write(path, lambda p, ex=exporter: _export_one(wrapped, args, names, dims, p, cfg.opset, ex,
+                                                                  spec.names(), narrow))
             break
         except OSError:  # a full disk or a permission error is not the model's fault: stop
             raise
@@ -149,7 +153,10 @@ def _dynamic_dims(example_inputs: Any, names: list[str], cfg: OnnxExportConfig) 
     return dims
 
 
-def _export_one(wrapped, args, names, dims, path: Path, opset: int, exporter: str, outs: list[str]) -> None:
+def _export_one(wrapped, args, names, dims, path: Path, opset: int, exporter: str, outs: list[str],
+                narrow: bool = False) -> None:
+    import onnx
+
     if exporter == "torchscript":
         import warnings
 
@@ -159,15 +166,21 @@ def _export_one(wrapped, args, names, dims, path: Path, opset: int, exporter: st
             torch.onnx.export(wrapped, args, buf, input_names=names, output_names=outs,
                               dynamic_axes={**dims, **{o: {0: "batch"} for o in outs}} if dims else None,
                               opset_version=opset, dynamo=False, do_constant_folding=True)
-        path.write_bytes(stamp_onnx_bytes(buf.getvalue()))
+        data = buf.getvalue()
+        if narrow:
+            proto = onnx.load_from_string(data)
+            narrow_initializers(proto)
+            data = proto.SerializeToString()
+        path.write_bytes(stamp_onnx_bytes(data))
         return
     shapes = tuple({i: torch.export.Dim.AUTO for i in d} or None for d in dims.values())
     program = torch.onnx.export(wrapped, args, input_names=names, output_names=outs,
                                 dynamic_shapes=shapes, opset_version=max(opset, 18),
                                 dynamo=True, verbose=False)
-    import onnx
-
-    onnx.save_model(stamp_onnx_model(program.model_proto), str(path), save_as_external_data=False)
+    proto = program.model_proto
+    if narrow:
+        narrow_initializers(proto)
+    onnx.save_model(stamp_onnx_model(proto), str(path), save_as_external_data=False)
 
 
 def _unsupported(exc: Exception) -> str:

@@ -78,10 +78,18 @@ class _DivideInput(nn.Module):
 
 def defake(model: nn.Module) -> nn.Module:
     """Copy of model with every FakeQuantLayer replaced by its float layer (weights as the
-    simulation left them: BN folded, smoothed, bias corrected), ready for a real backend."""
+    simulation left them: BN folded, smoothed, bias corrected), ready for a real backend.
+
+    Parametrized weights (weight sharing's ``codebook[indices] * mask``, a user's weight norm)
+    become plain Parameters holding the values they compute: exported as they were, such a
+    weight is a Gather/Mul subgraph, so ONNX Runtime's quantizer neither quantized it (dynamic)
+    nor could ``layers.exclude`` find its layer (the search refused share + ORT int8 for that).
+    A weight shared by several modules becomes one copy per module."""
+    from ..core.utils import materialize_parametrized
     from .fake import FakeQuantLayer
 
     model = copy.deepcopy(model)
+    materialize_parametrized(model)
     done: dict[int, nn.Module] = {}  # one float layer per wrapper: a module registered twice stays one
     for name, m in list(model.named_modules(remove_duplicate=False)):
         if isinstance(m, FakeQuantLayer):

@@ -19,7 +19,7 @@ Constraints between the per-layer choices (``SearchSpace.clip`` enforces them):
   chosen). A shared weight is a k-means codebook decoded to float; a factorized layer's two
   factors are never in the int8 latency table, so both of them stay float (never one of two);
 * only layers ``lowrank`` factorizes (Linear, Conv with groups == 1, not read directly by a
-  parent: ``lowrank._skip_reason``), never the classifier, and only where the widths the
+  parent: ``lowrank.factorizable_names``), never the classifier, and only where the widths the
   structured stages leave allow a rank below ``min(c_in*k, c_out)``.
 """
 
@@ -126,11 +126,12 @@ class SearchSpace:
         check(len(self.share_bits) <= 16 and all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 8
                                                  for b in self.share_bits), "SearchSpace.share_bits",
               f"give at most 16 index widths, each an integer in [1, 8], got {list(self.share_bits)}")
-        # ORT maps layers.exclude to graph nodes by weight values; a shared weight is computed
-        # (codebook[indices] * mask), so its layer is found by no node and gets quantized anyway
+        # ORT's int8 stage exports a shared layer it keeps float as a plain fp32 weight (its graph has
+        # no codebook op; defake materializes it), so the stored bits this space's size cost counts
+        # for a shared layer are not what that file holds (and the policy's bytes would be wrong)
         check(not (self.share_bits and self.int8 and self.int8_backend == "onnxruntime"), "SearchSpace.share_bits",
-              "ONNX Runtime's int8 stage cannot keep a shared layer float (its weight is computed, so layers.exclude "
-              "finds no node for it); use int8_backend: simulate, or search share_bits without int8")
+              "ONNX Runtime's int8 graph stores a shared layer it keeps float as plain fp32 (no codebook), so sharing "
+              "buys no bytes there; use int8_backend: simulate, or search share_bits without int8")
 
     # -- choices ---------------------------------------------------------------------------
     @property
@@ -288,12 +289,12 @@ def build_space(model: nn.Module, task: Task, keep_min: float = 0.25, sparsities
 
 def _lowrank_shapes(model: nn.Module, layers: list[str], classifier: str | None) -> dict[str, tuple[int, int, int]]:
     """layer -> (c_in, c_out, k) of every layer ``lowrank`` factorizes (its own checks)."""
-    from ..lowrank import _direct_readers, _factorizable, _skip_reason
+    from ..lowrank import factorizable_names
 
-    direct, out = _direct_readers(model), {}
+    ok, out = factorizable_names(model), {}
     for n in layers:
         m = model.get_submodule(n)
-        if n != classifier and _factorizable(m) and _skip_reason(m, direct) is None:
+        if n != classifier and n in ok:
             out[n] = (int(m.weight.shape[1]), int(m.weight.shape[0]), int(m.weight[0, 0].numel()))
     return out
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..task import call_model
+from ..utils import materialize_parametrized
 from .latency import compare_latency, ort_runner
 
 # what each runtime key means, for tables and reports
@@ -56,18 +57,7 @@ def shipped_form(model: nn.Module) -> tuple[nn.Module, str | None]:
     if not found:
         return model, None
     shipped = copy.deepcopy(model)
-    names = []
-    for name, _ in found:
-        mod = shipped.get_submodule(name)
-        # Not parametrize.remove_parametrizations: the copy shares the generated class with the
-        # original, and removing deletes the property from that class, i.e. from the original
-        # too. Instead give the copy back its own class and plain Parameters of the values.
-        values = {t: getattr(mod, t).detach().clone() for t in mod.parametrizations}
-        del mod._modules["parametrizations"]
-        mod.__class__ = type(mod).__bases__[0]
-        for tensor, value in values.items():
-            setattr(mod, tensor, nn.Parameter(value, requires_grad=False))
-            names.append(f"{name}.{tensor}" if name else tensor)
+    names = materialize_parametrized(shipped)  # safe on a copy (see there)
     note = (f"latency of the shipped form: {len(names)} parametrized tensor(s) materialized "
             f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}), as the saved file loads")
     return shipped.train(model.training), note
