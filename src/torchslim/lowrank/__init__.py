@@ -120,6 +120,13 @@ def _skip_reason(m: nn.Module, direct: set[int]) -> str | None:
     return None if _factorizable(m) else f"{kind}: not a Linear or Conv"
 
 
+def factorizable_names(model: nn.Module) -> set[str]:
+    """Names of the modules ``factorize_layers`` can split (Linear, Conv with groups 1, not read
+    directly by a parent): the one predicate the policy search shares with this stage."""
+    direct = _direct_readers(model)
+    return {n for n, m in model.named_modules(remove_duplicate=False) if _skip_reason(m, direct) is None}
+
+
 Group = list[tuple[list[str], nn.Module]]  # the modules (each with all its names) holding one weight
 
 
