@@ -95,6 +95,23 @@ def test_space_offers_only_legal_widths_and_precisions():
         st.tell(t, 0.0)
 
 
+def test_plans_equal_in_effect_share_one_key():
+    space = ts.build_transformer_space(tiny_encoder(), drop=True)
+    a, b = _layer(space, 0), _layer(space, 1)
+    one = ts.uniform_policy(space)
+    one.drop = (a,)
+    two = ts.uniform_policy(space, heads_keep=0.5, ffn_keep=0.5, quant="float")  # differs only in a's and b's...
+    two.heads[b], two.ffn[b] = one.heads[b], one.ffn[b]
+    two.quant = {k: (one.quant[k] if k.startswith(b + ":") else v) for k, v in two.quant.items()}
+    two.drop = (a,)  # ...and a is dropped: the same model
+    assert two.heads[a] != one.heads[a] and one.key() == two.key()
+    two.ffn[b] = 128  # a kept layer's choice still tells plans apart
+    assert one.key() != two.key()
+    kept = ts.uniform_policy(space)  # a plan that drops nothing keys as before the change
+    assert kept.key() == '{"ffn": {"%s": 256, "%s": 256}, "fuse": true, "heads": {"%s": 4, "%s": 4}, ' % (a, b, a, b) + \
+        '"quant": {%s}, "smooth": false}' % ", ".join(f'"{x}:{g}": "int8"' for x in (a, b) for g in sorted(ts.GROUPS))
+
+
 def _policy(space):
     a, b = _layer(space, 0), _layer(space, 1)
     quant = {f"{x.name}:{g}": "int8" for x in space.layers for g in ts.GROUPS}

@@ -164,7 +164,16 @@ class TransformerPolicy:
                    bool(data.get("fuse", True)), tuple(sorted(data.get("drop", ()))))
 
     def key(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
+        """The cache key: plans equal in effect share it (a dropped layer's other choices are
+        void, so they are left out; a plan that drops nothing keys as it always did)."""
+        out = self.to_dict()
+        if self.drop:
+            gone = set(self.drop)
+            out["heads"] = {k: v for k, v in out["heads"].items() if k not in gone}
+            out["ffn"] = {k: v for k, v in out["ffn"].items() if k not in gone}
+            if out["quant"] is not None:
+                out["quant"] = {k: v for k, v in out["quant"].items() if k.rsplit(":", 1)[0] not in gone}
+        return json.dumps(out, sort_keys=True)
 
 
 def uniform_policy(space: TransformerSpace, heads_keep: float = 1.0, ffn_keep: float = 1.0,
