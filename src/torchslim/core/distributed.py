@@ -28,8 +28,8 @@ runner keeps one set of outputs. The rules:
 from __future__ import annotations
 
 import contextlib
-import gc
 import datetime
+import gc
 import hashlib
 import os
 import subprocess
