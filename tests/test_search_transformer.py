@@ -4,6 +4,7 @@ A tiny BERT built from a config with random weights (nothing downloaded)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -108,8 +109,9 @@ def test_plans_equal_in_effect_share_one_key():
     two.ffn[b] = 128  # a kept layer's choice still tells plans apart
     assert one.key() != two.key()
     kept = ts.uniform_policy(space)  # a plan that drops nothing keys as before the change
-    assert kept.key() == '{"ffn": {"%s": 256, "%s": 256}, "fuse": true, "heads": {"%s": 4, "%s": 4}, ' % (a, b, a, b) + \
-        '"quant": {%s}, "smooth": false}' % ", ".join(f'"{x}:{g}": "int8"' for x in (a, b) for g in sorted(ts.GROUPS))
+    want = {"ffn": {a: 256, b: 256}, "fuse": True, "heads": {a: 4, b: 4}, "smooth": False,
+            "quant": {f"{x}:{g}": "int8" for x in (a, b) for g in ts.GROUPS}}
+    assert kept.key() == json.dumps(want, sort_keys=True)
 
 
 def _policy(space):
