@@ -145,7 +145,6 @@ GALLERY_SHARE = ("tv_resnet18", "timm_vit_tiny", "hf_bert", "hf_gpt2", "tied_emb
 @pytest.mark.parametrize("name", GALLERY_SHARE)
 def test_gallery_shared_onnx_halves_tensor_bytes_and_ort_int8_finds_its_layers(name, tmp_path):
     from gallery.models import GALLERY
-
     from torchslim.quantization.ort_graph import size_breakdown
 
     entry = GALLERY[name]
