@@ -24,14 +24,12 @@ class ExitHead(nn.Module):
 
     kind "channels": 1-D / 2-D conv maps are average-pooled to ``bins`` (bins x bins) positions
     and flattened (keeping coarse position, which a global mean loses at early blocks), deeper
-    maps averaged, a 2-D input used as is; "tokens": mean over the token dim 1 (batch_first);
-    "cls": the first token's features of a packed BERT state, the mask channel dropped
-    (hf_bert.py)."""
+    maps averaged, a 2-D input used as is; "tokens": mean over the token dim 1 (batch_first).
+    (Hugging Face BERT exits pool their own way first: ``hf_bert.BertExitHead``.)"""
 
     def __init__(self, kind: str, in_features: int, num_classes: int, hidden: int = 0, bins: int = 1):
         super().__init__()
         self.tokens = kind == "tokens"
-        self.cls = kind == "cls"
         self.bins = bins
         layers: list[nn.Module] = []
         if hidden:
@@ -40,9 +38,7 @@ class ExitHead(nn.Module):
         self.classifier = nn.Sequential(*layers)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.cls:
-            h = h[:, 0, :-1]
-        elif self.tokens:
+        if self.tokens:
             h = h.mean(dim=1)
         elif h.dim() == 3:
             if h.shape[2] % self.bins == 0:  # the same mean as adaptive pooling, about 2x faster on CPU
