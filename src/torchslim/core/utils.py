@@ -151,9 +151,9 @@ def removing(handles):
 @torch.no_grad()
 def materialize_parametrized(module: torch.nn.Module | list[torch.nn.Module]) -> list[str]:
     """Turn every parametrized tensor (``torch.nn.utils.parametrize``: weight sharing's
-    ``codebook[indices] * mask``, a user's weight norm) of module and its submodules (or of the
-    modules of a list, not their submodules) into a plain
-    Parameter (requires_grad False) holding the value it computes, in place; return the names.
+    ``codebook[indices] * mask``, a user's weight norm) of module and its submodules, or of the
+    modules of a list (not their submodules), into a plain Parameter (requires_grad False)
+    holding the value it computes, in place; return the names.
 
     Not ``parametrize.remove_parametrizations``: a deep copy of a parametrized module shares the
     class torch generated for it with the original, and removing deletes the property from that

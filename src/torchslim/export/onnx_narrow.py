@@ -4,10 +4,11 @@ A parametrized weight (weight sharing's ``codebook[indices] * mask``) exports as
 ``Gather(codebook, indices) * mask``, and torch's exporter folds the index widening and the
 mask's bool-to-float into the initializers: the file held int64 indices and a float32 mask,
 12 bytes per weight, about 3x the fp32 file (measured on LeNet-300-100 at 4 bits: 607 kB against
-204 kB; 105 kB after this pass). This pass stores such indices as uint8 (when every value is 0..255) and such masks as
-bool (when every value is 0 or 1), each followed by a Cast back to the type the graph used: the
-same values exactly, 2 bytes per weight, and ONNX Runtime folds the casts when it loads the
-session, so the graph runs as before. Written by hand because no ONNX tool narrows storage types
+204 kB; 105 kB after this pass). This pass stores such indices as uint8 (when every value is
+0..255) and such masks as bool (when every value is 0 or 1), each followed by a Cast back to the
+type the graph used: the same values exactly, 2 bytes per weight, and ONNX Runtime folds the
+casts when it loads the session, so the graph runs as before. Applied by ``export_onnx`` when the
+model has a parametrized tensor. Written by hand because no ONNX tool narrows storage types
 (onnx's optimizer and onnxslim fold constants the other way: into the wide type).
 
 Not done: the mask could vanish into the codebook (a zero centroid) for 1 byte per weight, and

@@ -81,10 +81,9 @@ def defake(model: nn.Module) -> nn.Module:
     simulation left them: BN folded, smoothed, bias corrected), ready for a real backend.
 
     Parametrized weights (weight sharing's ``codebook[indices] * mask``, a user's weight norm)
-    become plain Parameters holding the values they compute: exported as they were, such a
-    weight is a Gather/Mul subgraph, so ONNX Runtime's quantizer neither quantized it (dynamic)
-    nor could ``layers.exclude`` find its layer (the search refused share + ORT int8 for that).
-    A weight shared by several modules becomes one copy per module."""
+    become plain Parameters holding the values they compute (``core.utils.materialize_parametrized``;
+    tied users keep one Parameter): exported as they were, such a weight was a Gather/Mul subgraph,
+    which ONNX Runtime's dynamic int8 left float and ``layers.exclude`` could not find."""
     from ..core.utils import materialize_parametrized
     from .fake import FakeQuantLayer
 
