@@ -53,7 +53,7 @@ def _hold(ev: te.PlanEvaluator, records: list[dict[str, Any]], spec: SearchSpec,
     limit = ev.budget * (1 + spec.tolerance)
     seen, cands = set(), []
     for r in sorted((r for r in records if r["latency_ratio"] <= limit), key=lambda r: -r["val"]):
-        k = json.dumps(r["policy"], sort_keys=True)
+        k = te.plan_key(r)
         if k not in seen:
             seen.add(k)
             cands.append(r)

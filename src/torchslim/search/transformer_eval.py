@@ -9,7 +9,6 @@ distinct plan; MACs per token are exact (``macs_per_token``); size is the plan's
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -120,11 +119,16 @@ class PlanEvaluator:
         if rec[self.key] <= self.budget * (1 + self.margin):
             self.models[key] = model
             top = sorted((self.cache[k] for k in self.models), key=lambda r: -r["val"])[: self.keep]
-            self.models = {json.dumps(r["policy"], sort_keys=True): self.models[json.dumps(r["policy"], sort_keys=True)]
-                           for r in top}
+            self.models = {plan_key(r): self.models[plan_key(r)] for r in top}
         self.log(f"  plan {rec['index']} ({maker}): val {rec['val']:.4f}, {rec['latency_ratio']:.3f}x fp32 latency, "
                  f"{rec['macs_ratio']:.3f}x MACs, {rec['file_mb']:.1f} MB, {rec['seconds']:.0f}s")
         return rec
+
+
+def plan_key(rec: dict[str, Any]) -> str:
+    """The cache key of a trial record's plan (``TransformerPolicy.key``: not its dict's JSON,
+    which also holds a dropped layer's void choices)."""
+    return TransformerPolicy.from_dict(rec["policy"]).key()
 
 
 def _sampler(method: str, seed: int, n_trials: int):
@@ -159,8 +163,7 @@ def run_tpe(ev: PlanEvaluator, n_trials: int, seed: int = 0, enqueue: tuple[Tran
     fail_stale(st)  # a trial a killed run left running is failed, and replaced by a new one
     out = [dict(t.user_attrs["record"], trial=t.number, resumed=True) for t in done]
     for rec in out:  # the evaluator knows the finished plans (a later suggestion of one is a cache hit)
-        ev.cache.setdefault(json.dumps(rec["policy"], sort_keys=True), {k: v for k, v in rec.items()
-                                                                        if k not in ("trial", "resumed")})
+        ev.cache.setdefault(plan_key(rec), {k: v for k, v in rec.items() if k not in ("trial", "resumed")})
     if not done:
         for p in enqueue:
             st.enqueue_trial(trial_params(p, ev.space))
