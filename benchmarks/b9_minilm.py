@@ -159,9 +159,9 @@ def run(quick: bool = False, log=print) -> dict:
     final = {k: cands[k][0] for k in (*REFERENCES, *PEERS) if k in cands}
     final.update({f"arm:{k}": m for k, m in arm_models.items()})
     arm_keys = {p.key() for p in arms.values()}
-    searched = [r for r in searched if json.dumps(r["policy"], sort_keys=True) not in arm_keys]
+    searched = [r for r in searched if te.plan_key(r) not in arm_keys]
     for i, rec in enumerate(searched):
-        final[f"plan:{i}"] = ev.models[json.dumps(rec["policy"], sort_keys=True)]
+        final[f"plan:{i}"] = ev.models[te.plan_key(rec)]
     batches = [b for i, (b, _) in enumerate(task.test) if i % 2 == 0]  # B2's timed set: every other batch
     t2 = time.perf_counter()
     lat = _time_all(final, batches, 3 if quick else 7)
